@@ -1,0 +1,3 @@
+"""defectflow's library: plain Python + torch, no Ray imports."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,163 @@
+"""The one artifact format: ``model.safetensors`` + ``detector.json`` (+ ``metrics.json``) in a folder or prefix.
+
+detector.json::
+
+    {"format": "defectflow-detector", "format_version": 1,
+     "family": "gmbinet", "config": {"params": ..., "preprocessing": ..., "postprocessing": ...},
+     "input_size": [H, W], "normalization": {...}, "threshold": 0.5,
+     "metrics": {...}, "lineage": {"manifest_digest": ..., "run": ..., "trial_id": ..., "code_version": ...},
+     "created": "2026-11-22T01:00:00Z"}
+
+Weights are safetensors only: loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+import components
+from components import storage
+from components.errors import StorageError, WeightsError
+from components.models import registry
+from components.models.base import Detector
+
+log = logging.getLogger(__name__)
+
+FORMAT = "defectflow-detector"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+META = "detector.json"
+METRICS = "metrics.json"
+
+
+def code_version() -> str:
+    """Package version plus the git commit when running from a checkout."""
+    version = components.__version__
+    try:
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5, check=False).stdout.strip()
+        if sha:
+            version += f"+g{sha}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def state_dict_bytes(module: torch.nn.Module) -> bytes:
+    sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    return st_save(sd)
+
+
+def save(detector: Detector, uri: str, *, threshold: float = 0.5, metrics: dict[str, Any] | None = None,
+         lineage: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> str:
+    """Write an artifact folder. Weights first, detector.json last: a folder with detector.json is complete."""
+    uri = storage.normalize(uri)
+    cfg = detector.config()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "family": detector.family,
+        "config": cfg,
+        "input_size": list(detector.preprocessing.input_size),
+        "normalization": {"mean": list(detector.preprocessing.mean), "std": list(detector.preprocessing.std),
+                          "scale_by_max": detector.preprocessing.scale_by_max},
+        "threshold": float(threshold),
+        "metrics": metrics or {},
+        "lineage": {"code_version": code_version(), **(lineage or {})},
+        "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    if extra:
+        meta.update(extra)
+    storage.write_bytes(storage.join(uri, WEIGHTS), state_dict_bytes(detector))
+    if metrics:
+        storage.write_json(storage.join(uri, METRICS), metrics)
+    storage.write_json(storage.join(uri, META), meta)
+    log.info("artifact written to %s", uri)
+    return uri
+
+
+def read_meta(uri: str) -> dict[str, Any]:
+    uri = storage.resolve_model(uri)
+    meta = storage.read_json(storage.join(uri, META))
+    if meta.get("format") != FORMAT:
+        raise WeightsError(f"{uri}/{META} is not a defectflow detector description",
+                           "pass a folder written by `defectflow train` or `defectflow import-weights`")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise WeightsError(f"{uri} was written by a newer defectflow (format {meta['format_version']})",
+                           "upgrade defectflow")
+    return meta
+
+
+def load(uri: str, device: str | torch.device = "cpu") -> tuple[Detector, dict[str, Any]]:
+    """Rebuild a detector from an artifact (eval mode) and return it with its detector.json."""
+    resolved = storage.resolve_model(uri)
+    meta = read_meta(resolved)
+    family = registry.get(meta["family"])
+    detector = family.detector_cls.from_config(meta["config"])
+    try:
+        raw = storage.read_bytes(storage.join(resolved, WEIGHTS))
+    except StorageError as e:
+        raise WeightsError(f"{resolved} has no {WEIGHTS}", "the artifact is incomplete; re-export it") from e
+    try:
+        state = st_load(raw)
+    except Exception as e:  # safetensors raises SafetensorError (not an OSError)
+        raise WeightsError(f"{resolved}/{WEIGHTS} is not a valid safetensors file: {e}", "re-export it") from e
+    try:
+        missing, unexpected = detector.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise WeightsError(f"{resolved}: weights do not match the {meta['family']} architecture in detector.json: "
+                           f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}",
+                           "the artifact and detector.json disagree; re-export it") from e
+    if missing or unexpected:
+        raise WeightsError(f"{resolved}: weights do not match the {meta['family']} architecture "
+                           f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})",
+                           "the artifact and detector.json disagree; re-export it")
+    meta["uri"] = resolved
+    return detector.to(device).eval(), meta
+
+
+def update_meta(uri: str, *, metrics: dict[str, Any] | None = None, threshold: float | None = None,
+                lineage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Merge evaluation results into an artifact's detector.json (and metrics.json) without touching weights."""
+    uri = storage.resolve_model(uri)
+    meta = read_meta(uri)
+    meta.pop("uri", None)
+    if metrics:
+        meta["metrics"] = {**meta.get("metrics", {}), **metrics}
+        storage.write_json(storage.join(uri, METRICS), meta["metrics"])
+    if threshold is not None:
+        meta["threshold"] = float(threshold)
+    if lineage:
+        meta["lineage"] = {**meta.get("lineage", {}), **lineage}
+    storage.write_json(storage.join(uri, META), meta)
+    return meta
+
+
+def register(detector_or_uri: Detector | str, layout: storage.Layout, name: str, **save_kwargs: Any) -> str:
+    """Save (or copy) an artifact as the next version of ``models/<name>`` and return its URI."""
+    version = layout.next_version(name)
+    dst = layout.model(name, version)
+    if isinstance(detector_or_uri, str):
+        src = storage.resolve_model(detector_or_uri)
+        for fname in (WEIGHTS, METRICS):
+            if storage.exists(storage.join(src, fname)):
+                storage.write_bytes(storage.join(dst, fname), storage.read_bytes(storage.join(src, fname)))
+        meta = storage.read_json(storage.join(src, META))
+        meta.setdefault("lineage", {}).update(save_kwargs.get("lineage") or {})
+        meta["registry"] = {"name": name, "version": version}
+        storage.write_json(storage.join(dst, META), meta)
+    else:
+        extra = dict(save_kwargs.pop("extra", None) or {})
+        extra["registry"] = {"name": name, "version": version}
+        save(detector_or_uri, dst, extra=extra, **save_kwargs)
+    log.info("registered %s version %s at %s", name, version, dst)
+    return dst

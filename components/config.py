@@ -1,0 +1,349 @@
+"""Pydantic models of every workflow config: YAML in, clear errors out.
+
+Configs reject unknown keys, carry defaults that work on a laptop, and accept ``--set a.b.c=value`` overrides
+(values parsed as YAML scalars, so ``--set optim.epochs=3`` is an int and ``--set model.params.n=8`` too).
+Local relative paths are made absolute when a config is loaded, so Ray workers with another working directory
+read the same files.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from components import storage
+from components.errors import ConfigError
+
+DEFAULT_ROOT = "./defectflow-data"
+T = TypeVar("T", bound=BaseModel)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- shared
+
+
+class StorageConfig(Strict):
+    """Where artifacts go and how S3 is reached (credentials always come from the AWS environment/profile)."""
+
+    root: str = Field(DEFAULT_ROOT, validate_default=True,
+                      description="local folder or s3://bucket/prefix holding datasets/, runs/, ...")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto); default AWS")
+    s3_region: str | None = None
+
+    @field_validator("root")
+    @classmethod
+    def _norm(cls, v: str) -> str:
+        return storage.normalize(v)
+
+    def apply(self) -> storage.Layout:
+        """Configure this process's S3 access and return the artifact layout."""
+        storage.configure(endpoint_url=self.s3_endpoint_url, region=self.s3_region)
+        return storage.Layout(self.root)
+
+
+class RayConfig(Strict):
+    """How to reach Ray. ``address`` null: use RAY_ADDRESS (set under `ray job submit`) or start a local instance."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started instance (default: all)")
+    num_gpus: int | None = Field(None, ge=0)
+    object_store_memory: int | None = Field(None, ge=78_643_200, description="bytes, local instance only")
+    include_dashboard: bool | None = None
+    progress_bars: bool = True
+
+
+class ScalingSettings(Strict):
+    """Ray Train workers. ``use_gpu: auto`` uses GPUs when the cluster has enough for every worker."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+
+
+def _uri(v: str | None) -> str | None:
+    return None if v is None else storage.normalize(v)
+
+
+# --------------------------------------------------------------------------------------------- ingest
+
+
+class SplitConfig(Strict):
+    train: float = Field(0.7, ge=0, le=1)
+    val: float = Field(0.1, ge=0, le=1)
+    test: float = Field(0.2, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum(self) -> SplitConfig:
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1 (got {self.train + self.val + self.test:g})")
+        return self
+
+
+class IngestConfig(Strict):
+    dataset: str = Field(..., description="adapter: folder, sd_saliency_900, magnetic_tile, crackforest, procedural")
+    root: str | None = Field(None, description="dataset folder or s3:// prefix (not needed for procedural)")
+    name: str | None = Field(None, description="dataset name in the layout (default: the adapter name)")
+    out: str | None = Field(None, description="manifest URI (default <storage.root>/datasets/<name>/manifest.parquet)")
+    options: dict[str, Any] = Field(default_factory=dict, description="adapter options (see README)")
+    embed: bool | Literal["auto"] = Field("auto", description="copy image bytes into the manifest; auto: when "
+                                                              "the manifest goes to S3 and the images are local")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    seed: int = 0
+    max_image_pixels: int = Field(64_000_000, ge=1)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("root", "out")
+    @classmethod
+    def _uris(cls, v: str | None) -> str | None:
+        return _uri(v)
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+class SyntheticMix(Strict):
+    source: str = Field(..., description="manifest URI of synthetic samples")
+    count: int = Field(0, ge=0)
+
+
+class AugmentConfig(Strict):
+    hflip: bool = True
+    vflip: bool = True
+
+
+class DataSettings(Strict):
+    manifest: str = Field(..., description="manifest URI written by `defectflow ingest`")
+    regime: Literal["unsupervised", "weak", "mixed", "full"] = "full"
+    mixed_masks: int | float | None = Field(None, description="mixed regime: N masks, or a fraction in (0, 1]")
+    image_size: tuple[int, int] = Field((256, 256), description="(height, width) images are resized to")
+    max_image_pixels: int = Field(64_000_000, ge=1)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    synthetic: SyntheticMix | None = None
+    max_train_samples: int | None = Field(None, ge=1, description="cap the training rows (quick experiments)")
+
+    @field_validator("manifest")
+    @classmethod
+    def _manifest(cls, v: str) -> str:
+        return storage.normalize(v)
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 32 or max(v) > 4096:
+            raise ValueError("image_size must be within 32..4096 pixels a side")
+        return v
+
+    @model_validator(mode="after")
+    def _mixed(self) -> DataSettings:
+        if self.regime == "mixed" and self.mixed_masks is None:
+            raise ValueError("regime 'mixed' needs data.mixed_masks (an int N or a fraction in (0, 1])")
+        return self
+
+
+class ModelSettings(Strict):
+    family: str = "gmbinet"
+    params: dict[str, Any] = Field(default_factory=dict, description="family constructor parameters")
+    preprocessing: dict[str, Any] = Field(default_factory=dict, description="overrides of the family defaults")
+    postprocessing: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimSettings(Strict):
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(4e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1, description="per worker")
+    epochs: int = Field(10, ge=1)
+    lr_schedule: Literal["none", "cosine"] = "none"
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class CheckpointSettings(Strict):
+    num_to_keep: int = Field(2, ge=1)
+    select: Literal["best", "last"] = Field("best", description="which checkpoint becomes the artifact")
+
+
+class EvalSettings(Strict):
+    split: Literal["train", "val", "test"] = "test"
+    threshold: float = Field(0.5, gt=0, lt=1, description="pixel threshold for masks and decisions")
+    seg_iou_threshold: float = Field(0.5, ge=0, le=1, description="IoU a sample needs to count as detected")
+    batch_size: int = Field(8, ge=1)
+    sheet_images: int = Field(8, ge=0, description="test images in the prediction sheet PNG")
+    num_actors: int = Field(1, ge=1, description="Ray Data actor pool size for evaluation")
+
+
+class OutputSettings(Strict):
+    model_name: str | None = Field(None, description="registry name (default: the family)")
+    register_model: bool = Field(True, description="copy the artifact into models/<model_name>/<version>")
+
+
+class TrainConfig(Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="run name: re-running with the same name resumes from the last checkpoint")
+    seed: int = 0
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    data: DataSettings
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    loss: dict[str, Any] = Field(default_factory=dict, description="family loss parameters")
+    optim: OptimSettings = Field(default_factory=OptimSettings)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+
+
+class SchedulerSettings(Strict):
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+
+
+class SweepConfig(Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    train: dict[str, Any] = Field(..., description="a train config (inline), the base of every trial")
+    space: dict[str, dict[str, Any]] = Field(
+        ..., description="dotted train-config key -> {grid: [...]} | {choice: [...]} | {uniform: [a, b]} | "
+                         "{loguniform: [a, b]} | {randint: [a, b]}")
+    num_samples: int = Field(1, ge=1, description="samples per grid point")
+    metric: str = "val_iou"
+    mode: Literal["min", "max"] = "max"
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    max_concurrent_trials: int | Literal["auto"] = "auto"
+    seed: int = 0
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        kinds = {"grid", "choice", "uniform", "loguniform", "randint"}
+        for key, spec in v.items():
+            if len(spec) != 1 or next(iter(spec)) not in kinds:
+                raise ValueError(f"space.{key} must have exactly one of {sorted(kinds)}")
+            kind, vals = next(iter(spec.items()))
+            if not isinstance(vals, list) or not vals:
+                raise ValueError(f"space.{key}.{kind} must be a non-empty list")
+            if kind in {"uniform", "loguniform", "randint"} and len(vals) != 2:
+                raise ValueError(f"space.{key}.{kind} takes [low, high]")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------- serve
+
+
+class ServeConfig(Strict):
+    model: str = Field(..., description="artifact URI or <root>/models/<name>[@alias]")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    route_prefix: str = "/"
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per replica")
+    num_gpus: float = Field(0.0, ge=0)
+    threshold: float | None = Field(None, gt=0, lt=1, description="override the artifact's decision threshold")
+    max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(64_000_000, ge=1)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> nested dict; values are YAML scalars (numbers, booleans, lists, null)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is not key=value", "e.g. --set optim.epochs=3")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"--set {item!r} has an empty key part", "e.g. --set model.params.n=8")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        set_dotted(out, key, value)
+    return out
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[p] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping from a local path or URI, with line numbers in errors."""
+    p = str(path)
+    try:
+        text = storage.read_text(p) if storage.is_remote(p) else Path(p).read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {p} does not exist", "check the path; ready configs: workflows/configs/") from e
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e}", "check the path and permissions") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}", "fix the YAML syntax at the position shown") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping (key: value), not {type(data).__name__}", "see README")
+    return data
+
+
+def format_validation_error(e: ValidationError, what: str) -> str:
+    lines = [f"invalid {what}:"]
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def validate(model: type[T], data: dict[str, Any], what: str = "config") -> T:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, what), "see README, section 'Config keys'") from e
+
+
+def load(model: type[T], path: str | None = None, overrides: list[str] | None = None,
+                       base: dict[str, Any] | None = None, what: str | None = None) -> T:
+    """Build a config from (base dict) <- (YAML file) <- (--set overrides) and validate it."""
+    data: dict[str, Any] = copy.deepcopy(base or {})
+    if path:
+        data = deep_merge(data, read_yaml(path))
+    data = deep_merge(data, parse_overrides(overrides))
+    return validate(model, data, what or (f"config {path}" if path else model.__name__))

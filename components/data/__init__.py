@@ -1,0 +1,1 @@
+"""Manifests, dataset adapters, the procedural default data, supervision regimes and image I/O."""

@@ -1,0 +1,49 @@
+"""Image-, pixel-, sample- and saliency-level metrics in plain numpy (no torch, no Ray, no scikit-learn).
+
+Workers call :func:`image_stats` per image; the driver calls :func:`summarize` on the collected dicts.
+"""
+
+from components.metrics.aggregate import image_stats, summarize
+from components.metrics.image import auc_from_histograms, average_precision, f1_max_threshold, pixel_roc_auc, roc_auc
+from components.metrics.saliency import (
+    as_prob_map,
+    f_max,
+    iou,
+    mae,
+    mean_pr_curve,
+    pr_curve_counts,
+    s_measure,
+    weighted_fmeasure,
+)
+from components.metrics.sample import (
+    confusion,
+    iou_from_counts,
+    pooled_iou,
+    sample_miou,
+    seg_accuracy,
+    seg_recall,
+)
+
+__all__ = [
+    "as_prob_map",
+    "auc_from_histograms",
+    "average_precision",
+    "confusion",
+    "f1_max_threshold",
+    "f_max",
+    "image_stats",
+    "iou",
+    "iou_from_counts",
+    "mae",
+    "mean_pr_curve",
+    "pixel_roc_auc",
+    "pooled_iou",
+    "pr_curve_counts",
+    "roc_auc",
+    "s_measure",
+    "sample_miou",
+    "seg_accuracy",
+    "seg_recall",
+    "summarize",
+    "weighted_fmeasure",
+]

@@ -1,0 +1,201 @@
+"""The evaluation contract between Ray workers and the driver.
+
+Workflows compute :func:`image_stats` next to the model (one small, JSON-able dict per image: a few floats, four
+pixel counts and two 256-bin histograms) and ship those to the driver, which calls :func:`summarize`. Everything a
+summary needs is therefore either averaged per image or additive across images; no pixel map ever travels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from components.metrics import image as image_metrics
+from components.metrics import saliency
+from components.metrics import sample as sample_metrics
+
+__all__ = ["image_stats", "summarize"]
+
+logger = logging.getLogger(__name__)
+
+_IOU_SMOOTH = 1e-7
+
+
+def _squeeze_map(a: np.ndarray, name: str) -> np.ndarray:
+    a = np.asarray(a)
+    while a.ndim > 2 and a.shape[0] == 1:  # tolerate (1, H, W) / (1, 1, H, W) straight from a detector
+        a = a[0]
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (H, W) map, got shape {a.shape}")
+    return a
+
+
+def image_stats(
+    prob: np.ndarray,
+    mask: np.ndarray | None,
+    threshold: float = 0.5,
+    n_bins: int = 256,
+    min_pixels: int = 1,
+) -> dict[str, Any]:
+    """Per-image statistics, small enough to return from a Ray task and to store as JSON.
+
+    ``prob`` is the defect probability map in [0, 1]; ``mask`` the {0, 1} ground truth, or None when the image has
+    no pixel annotation (then only prediction-side fields are returned, with ``has_mask: False``, so that weakly
+    labelled images still flow through the same code). ``threshold`` binarises the map for IoU and the confusion
+    counts; ``min_pixels`` is how many predicted pixels make the image "predicted defective" (``pred_nonempty``).
+    ``wfm`` is None on an empty mask, where the weighted F-measure carries no information.
+    """
+    p = _squeeze_map(prob, "prob").astype(np.float64, copy=False)
+    if min_pixels < 1:
+        raise ValueError(f"min_pixels must be >= 1, got {min_pixels}")
+    binary = p >= threshold
+    pred_pixels = int(np.count_nonzero(binary))
+    out: dict[str, Any] = {
+        "has_mask": False,
+        "n_pixels": int(p.size),
+        "threshold": float(threshold),
+        "pred_pixels": pred_pixels,
+        "pred_nonempty": pred_pixels >= min_pixels,
+    }
+    if mask is None:
+        # still reject maps the metrics would reject, so a bad model output fails where it is produced
+        saliency.as_prob_map(p)
+        return out
+    g = _squeeze_map(mask, "mask")
+    g = g if g.dtype == bool else g >= 0.5
+    if g.shape != p.shape:
+        raise ValueError(
+            f"mask shape {g.shape} does not match prediction shape {p.shape}; resize the map to the mask first"
+        )
+    p = saliency.as_prob_map(p)
+    tp, fp, fn, tn = sample_metrics.confusion(binary, g)
+    gt_pixels = tp + fn
+    hist_pos, hist_neg = saliency.pr_curve_counts(p, g, n_bins=n_bins)
+    out.update(
+        {
+            "has_mask": True,
+            "gt_pixels": gt_pixels,
+            "gt_nonempty": gt_pixels > 0,
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
+            "tn": tn,
+            "mae": saliency.mae(p, g),
+            "iou": (tp + _IOU_SMOOTH) / (tp + fp + fn + _IOU_SMOOTH),  # == saliency.iou(p, g, threshold)
+            "wfm": saliency.weighted_fmeasure(p, g) if gt_pixels else None,
+            "sm": saliency.s_measure(p, g),
+            "hist_pos": [int(v) for v in hist_pos],
+            "hist_neg": [int(v) for v in hist_neg],
+        }
+    )
+    return out
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float | np.floating):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def summarize(
+    stats: Sequence[Mapping[str, Any]],
+    labels: Sequence[int | bool | None],
+    scores: Sequence[float | None],
+    seg_iou_threshold: float = 0.5,
+    *,
+    include_pred_only: bool = False,
+    beta2: float = 0.3,
+) -> dict[str, float | int | None]:
+    """Flat dataset summary from per-image stats (segmentation) and per-image labels/scores (classification).
+
+    ``labels`` / ``scores`` are the image-level ground truth (1 = defective, None = unknown) and detector scores;
+    they may be empty when only segmentation is evaluated, otherwise they describe the same images as ``stats``.
+    Labels are not inferred from masks: the caller decides what counts as ground truth.
+
+    A metric that is undefined on this set is None, never NaN and never an exception, because a sweep must be able
+    to report on a defect-free or unlabelled split: image_auroc / image_ap need both classes among the labelled
+    images; segmentation metrics need images with masks; wfm, f_max, sample_miou and seg_recall need defective
+    masks. Averaging rules: mae, iou and sm are means over all images with masks (``iou`` uses the empty/empty = 1
+    convention); wfm is a mean over defective masks only; f_max (β² = ``beta2``) averages precision/recall over
+    defective masks; sample_miou, seg_recall (IoU >= ``seg_iou_threshold``, 0 = any overlap) and seg_accuracy
+    follow :mod:`components.metrics.sample`. ``pixel_auroc_binned`` is a pixel AUROC from the summed histograms,
+    approximate within the share of positive/negative pixel pairs that share a bin.
+    """
+    stats = list(stats)
+    labels = list(labels)
+    scores = list(scores)
+    if len(labels) != len(scores):
+        raise ValueError(f"labels and scores differ in length: {len(labels)} vs {len(scores)}")
+    if stats and labels and len(stats) != len(labels):
+        raise ValueError(f"stats describe {len(stats)} images but labels/scores {len(labels)}")
+
+    masked = [s for s in stats if s.get("has_mask")]
+    defective = [s for s in masked if s["gt_pixels"] > 0]
+    out: dict[str, Any] = {
+        "n_images": len(stats) if stats else len(labels),
+        "n_with_mask": len(masked),
+        "n_defective_masks": len(defective),
+        "n_labeled": 0,
+        "mae": None,
+        "iou": None,
+        "iou_pooled": None,
+        "wfm": None,
+        "sm": None,
+        "f_max": None,
+        "pixel_auroc_binned": None,
+        "sample_miou": None,
+        "seg_recall": None,
+        "seg_accuracy": None,
+        "image_auroc": None,
+        "image_ap": None,
+    }
+
+    if masked:
+        out["mae"] = _mean(s["mae"] for s in masked)
+        out["iou"] = _mean(s["iou"] for s in masked)
+        out["sm"] = _mean(s["sm"] for s in masked)
+        out["wfm"] = _mean(s["wfm"] for s in defective)
+        out["iou_pooled"] = sample_metrics.pooled_iou((s["tp"], s["fp"], s["fn"]) for s in masked)
+        exact_iou = [sample_metrics.iou_from_counts(s["tp"], s["fp"], s["fn"]) for s in masked]
+        gt_nonempty = [s["gt_pixels"] > 0 for s in masked]
+        pred_nonempty = [bool(s["pred_nonempty"]) for s in masked]
+        out["sample_miou"] = sample_metrics.sample_miou(
+            exact_iou, gt_nonempty, pred_nonempty, include_pred_only=include_pred_only
+        )
+        out["seg_recall"] = sample_metrics.seg_recall(exact_iou, gt_nonempty, tau=seg_iou_threshold)
+        out["seg_accuracy"] = sample_metrics.seg_accuracy(gt_nonempty, pred_nonempty)
+        if defective:
+            out["f_max"] = saliency.f_max(((s["hist_pos"], s["hist_neg"]) for s in defective), beta2=beta2)
+        hist_pos = np.sum([s["hist_pos"] for s in masked], axis=0)
+        hist_neg = np.sum([s["hist_neg"] for s in masked], axis=0)
+        if hist_pos.sum() > 0 and hist_neg.sum() > 0:
+            out["pixel_auroc_binned"] = image_metrics.auc_from_histograms(hist_pos, hist_neg)
+
+    pairs = []
+    for label, score in zip(labels, scores, strict=True):
+        if label is None:
+            continue
+        if score is None or not math.isfinite(float(score)):
+            logger.warning("skipping a labelled image with a non-finite score (%r) in the image-level metrics", score)
+            continue
+        pairs.append((int(bool(label)), float(score)))
+    out["n_labeled"] = len(pairs)
+    if pairs and len({lab for lab, _ in pairs}) == 2:
+        y = [lab for lab, _ in pairs]
+        s = [sc for _, sc in pairs]
+        out["image_auroc"] = image_metrics.roc_auc(y, s)
+        out["image_ap"] = image_metrics.average_precision(y, s)
+
+    return {k: _clean(v) for k, v in out.items()}

@@ -1,0 +1,1 @@
+"""Ray Serve applications (FastAPI ingress) and their serve configs."""

@@ -1,0 +1,77 @@
+"""The `defectflow` command as a user runs it: exit codes and messages for bad input (real subprocesses)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(300)
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, timeout=240)
+
+
+def test_help_lists_every_command():
+    r = cli("--help")
+    assert r.returncode == 0
+    for cmd in ("ingest", "train", "evaluate", "predict", "sweep", "serve", "promote", "import-weights", "bench",
+                "demo"):
+        assert cmd in r.stdout
+
+
+def test_malformed_yaml_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndata: [unclosed\n")
+    r = cli("train", "--config", str(bad))
+    assert r.returncode == 2 and "not valid YAML" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_and_missing_keys_are_named(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: x\ndata: {manifest: m.parquet, colour: red}\noptim: {epochs: 0}\n")
+    r = cli("train", "--config", str(cfg))
+    assert r.returncode == 2
+    assert "data.colour: unknown key" in r.stderr and "optim.epochs" in r.stderr
+    r = cli("train", "--config", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_missing_manifest_fails_before_training(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: x\nstorage: {{root: {tmp_path}}}\ndata: {{manifest: {tmp_path}/none.parquet}}\n")
+    r = cli("train", "--config", str(cfg), "--set", "ray.num_cpus=1")
+    assert r.returncode == 2 and "none.parquet" in r.stderr
+
+
+def test_bad_set_override():
+    r = cli("train", "--config", "workflows/configs/gmbinet_procedural.yaml", "--set", "optim.epochs")
+    assert r.returncode == 2 and "key=value" in r.stderr
+
+
+def test_ingest_procedural_and_python_m_entry(tmp_path):
+    out = tmp_path / "m.parquet"
+    r = subprocess.run([sys.executable, "-m", "workflows.ingest", "--dataset", "procedural", "--option", "count=12",
+                        "--option", "size=64", "--out", str(out)], capture_output=True, text=True, cwd=REPO,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert out.exists() and "rows" in r.stdout
+    r = cli("ingest", "--dataset", "nosuch", "--out", str(out))
+    assert r.returncode == 2 and "unknown dataset layout" in r.stderr
+
+
+def test_predict_with_missing_model(tmp_path):
+    r = cli("predict", "--model", str(tmp_path / "none"), "--input", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "no model artifact" in r.stderr
+
+
+def test_import_weights_rejects_garbage(tmp_path):
+    f = tmp_path / "w.pt"
+    f.write_bytes(b"garbage")
+    r = cli("import-weights", "gmbinet", str(f), str(tmp_path / "art"))
+    assert r.returncode == 2 and "error:" in r.stderr

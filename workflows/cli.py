@@ -1,0 +1,199 @@
+"""The ``defectflow`` command.
+
+    defectflow ingest | train | evaluate | predict | sweep | serve | promote | import-weights | bench | demo
+
+User errors (bad config, unreadable data, missing weights, unsatisfiable resources) print one clear message and
+exit with status 2; ``-v`` shows debug logs, ``DEFECTFLOW_TRACEBACK=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+from components.errors import DefectflowError
+
+COMMANDS = ("ingest", "train", "evaluate", "predict", "sweep", "serve", "promote", "import-weights", "bench",
+            "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from workflows import evaluate, ingest, predict, serve, sweep, train
+
+    p = argparse.ArgumentParser(prog="defectflow", description="Turn product-surface images into deployed defect "
+                                "detectors on Ray.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--json", action="store_true", help="print the command's result as JSON on stdout")
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+
+    ingest.add_arguments(sub.add_parser("ingest", help="dataset folder/S3 prefix -> manifest (Parquet)"))
+    train.add_arguments(sub.add_parser("train", help="train a detector on Ray Train, evaluate, register"))
+    evaluate.add_arguments(sub.add_parser("evaluate", help="metrics of a model on a manifest split (Ray Data)"))
+    predict.add_arguments(sub.add_parser("predict", help="defect maps + scores.csv for a folder of images"))
+    sweep.add_arguments(sub.add_parser("sweep", help="hyper-parameter sweep with Ray Tune + ASHA"))
+    serve.add_arguments(sub.add_parser("serve", help="HTTP endpoint for a model with Ray Serve"))
+
+    pr = sub.add_parser("promote", help="point a registry alias (e.g. production) at a model version")
+    pr.add_argument("--root", default="./defectflow-data", help="storage root holding models/")
+    pr.add_argument("--name", required=True, help="model name in the registry")
+    pr.add_argument("--version", required=True, help="version number (or 'latest')")
+    pr.add_argument("--alias", default="production")
+    pr.add_argument("--s3-endpoint-url", default=None)
+
+    iw = sub.add_parser("import-weights", help="convert published weights into a defectflow artifact")
+    iw.add_argument("family", choices=["gmbinet"], help="model family of the checkpoint")
+    iw.add_argument("checkpoint", help="the authors' checkpoint file (.pt/.pth), local or s3://")
+    iw.add_argument("out", help="artifact folder URI to write")
+    iw.add_argument("--s3-endpoint-url", default=None)
+
+    b = sub.add_parser("bench", help="measure a model's size and speed; writes JSON + Markdown")
+    b.add_argument("target", choices=["gmbinet"], help="what to benchmark")
+    b.add_argument("--out", default="./defectflow-data/reports/bench", help="output folder or URI")
+    b.add_argument("--size", type=int, default=512, help="input side length (default 512, as the paper)")
+    b.add_argument("--iters", type=int, default=30, help="timed iterations per measurement")
+    b.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    b.add_argument("--n", type=int, action="append", help="GMBINet scale dimension(s) to measure (default 4)")
+    b.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime measurement")
+
+    d = sub.add_parser("demo", help="the whole flow on procedural data on a local Ray instance")
+    d.add_argument("--out", default="./defectflow-demo", help="demo output folder (re-created each run)")
+    d.add_argument("--images", type=int, default=160, help="procedural images to generate")
+    d.add_argument("--size", type=int, default=128, help="image side length")
+    d.add_argument("--epochs", type=int, default=8, help="training epochs")
+    d.add_argument("--sweep-epochs", type=int, default=3, help="epochs per sweep trial")
+    d.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    d.add_argument("--port", type=int, default=8000, help="HTTP port of the demo endpoint")
+    return p
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items() if not isinstance(v, bytes)}
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items() if not isinstance(v, bytes)}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def dispatch(args: argparse.Namespace) -> tuple[Any, int]:
+    """Run one command; return (result, exit code)."""
+    cmd = args.command
+    if cmd == "ingest":
+        from workflows import ingest
+
+        res = ingest.run(ingest.config_from_args(args))
+        print(f"manifest: {res.manifest_uri}\nrows: {json.dumps(res.summary)}")
+        return res, 0
+    if cmd == "train":
+        from workflows import train
+
+        res = train.run(train.config_from_args(args))
+        print(_train_summary(res))
+        return res, 0
+    if cmd == "evaluate":
+        from workflows import evaluate
+
+        res = evaluate.run_cli(args)
+        for k, v in res.metrics.items():
+            print(f"{k:>22}: {v}")
+        print(f"report: {res.report_uri}")
+        return res, 0
+    if cmd == "predict":
+        from workflows import predict
+
+        res = predict.run_cli(args)
+        print(f"{res.count} image(s), {res.defective} defective, {res.failed} failed -> {res.out_uri} "
+              f"(scores: {res.scores_uri})")
+        return res, (1 if res.failed else 0)
+    if cmd == "sweep":
+        from workflows import sweep
+
+        res = sweep.run(sweep.config_from_args(args))
+        print(f"sweep {res.name}: {len(res.trials)} trial(s); best {res.best['trial_id'] if res.best else None} "
+              f"{res.best['params'] if res.best else ''}\nregistered: {res.registered_uri}\nreport: "
+              f"{res.report_uri}/trials.md")
+        return res, 0
+    if cmd == "serve":
+        from workflows import serve
+
+        return serve.run_cli(args), 0
+    if cmd == "promote":
+        from components import storage
+
+        storage.configure(endpoint_url=args.s3_endpoint_url)
+        layout = storage.Layout(args.root)
+        versions = layout.versions(args.name)
+        version = versions[-1] if args.version == "latest" and versions else args.version
+        layout.set_alias(args.name, args.alias, version)
+        print(f"{args.name}@{args.alias} -> version {version} ({layout.model(args.name, version)})")
+        return {"name": args.name, "alias": args.alias, "version": version}, 0
+    if cmd == "import-weights":
+        from components import storage
+        from components.models.gmbinet.convert import import_authors_checkpoint
+
+        storage.configure(endpoint_url=args.s3_endpoint_url)
+        uri = import_authors_checkpoint(args.checkpoint, args.out)
+        print(f"artifact written: {uri}")
+        return {"artifact": uri}, 0
+    if cmd == "bench":
+        from workflows import bench
+
+        res = bench.run_cli(args)
+        return res, 0
+    if cmd == "demo":
+        from workflows import demo
+
+        return demo.run_cli(args), 0
+    raise DefectflowError(f"unknown command {cmd}")  # pragma: no cover - argparse rejects it first
+
+
+def _train_summary(res: Any) -> str:
+    lines = [f"run: {res.run_name} ({res.seconds:.0f} s)", f"artifact: {res.artifact_uri}"]
+    if res.registered_uri:
+        lines.append(f"registered: {res.registered_uri}")
+    for k, v in res.metrics.items():
+        if isinstance(v, float):
+            lines.append(f"  {k}: {v:.4f}")
+    if res.report_uri:
+        lines.append(f"report: {res.report_uri}/report.md")
+    if res.sheet_uri:
+        lines.append(f"prediction sheet: {res.sheet_uri}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from workflows.runtime import setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        result, code = dispatch(args)
+    except DefectflowError as e:
+        if os.environ.get("DEFECTFLOW_TRACEBACK"):
+            raise
+        print(f"error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"  hint: {e.hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(_jsonable(result), default=str, indent=2))
+    return code
+
+
+def run_command(command: str, argv: list[str] | None = None) -> int:
+    """Entry for ``python -m workflows.<step>``: the same as ``defectflow <step> ...``."""
+    argv = sys.argv[1:] if argv is None else argv
+    return main([command, *argv])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
