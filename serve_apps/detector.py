@@ -10,8 +10,8 @@ limit. Run locally with ``defectflow serve --model <uri>``, or on a cluster with
 serve_apps/detector.yaml`` (``user_config`` changes hot-swap the model in place through ``reconfigure``).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI must see the real `Request` annotation of the routes that
+# Serve's ingress re-binds, or it reads `request` as a required query parameter (422).
 import asyncio
 import base64
 import logging

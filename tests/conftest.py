@@ -84,7 +84,9 @@ def ray_session(request):
     from components.config import RayConfig
     from workflows.runtime import configure_data
 
-    dashboard = bool(getattr(request.module, "RAY_DASHBOARD", False))
+    # The dashboard also serves the state API that Train V2's PlacementGroupCleaner needs to free the resources of
+    # a trial that Tune stopped; without it they leak and later trials wait forever.
+    dashboard = bool(getattr(request.module, "RAY_DASHBOARD", True))
     if ray.is_initialized():
         ray.shutdown()
     ctx = ray.init(num_cpus=2, include_dashboard=dashboard, object_store_memory=400 * 1024**2,

@@ -4,9 +4,10 @@
 
 Every trial is a Tune function that builds and fits a TorchTrainer (the Train V2 way; ``Tuner(trainer)`` is the
 deprecated V1 API), reporting each epoch's metrics to Tune through ``TuneReportCallback`` so ASHA can stop weak
-trials early. Each finished trial leaves an artifact in its run folder; the best one (by ``metric``/``mode``) is
-evaluated on the test split and copied into the registry. The report (``<storage.root>/reports/<name>/``) holds
-``trials.csv``, ``trials.md`` and ``curves.png``. Re-running a sweep with the same name resumes it.
+trials early. Every reported epoch carries its Train checkpoint; the best checkpoint of the best trial (by
+``metric``/``mode``) becomes an artifact, is evaluated on the test split and is copied into the registry. The report
+(``<storage.root>/reports/<name>/``) holds ``trials.csv``, ``trials.md`` and ``curves.png``. Re-running a sweep with
+the same name resumes it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from components.errors import ConfigError, DefectflowError
 from components.models import registry
 
 log = logging.getLogger("defectflow.sweep")
+
+TRIAL_DRIVER_CPU = 0.01  # what each Tune trial (the Train driver) holds; Tune rejects 0
 
 
 def param_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -59,14 +62,17 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], name: str) -> Tra
 
 def _trial(config: dict[str, Any], *, base: dict[str, Any], sweep_name: str, trials_uri: str, use_gpu: bool,
            select: tuple[str | None, str], datasets: dict[str, Any] | None = None) -> None:
-    """One Tune trial: the driver of one Train run."""
+    """One Tune trial: the driver of one Train run.
+
+    Nothing may follow ``fit()`` here: ASHA stops a trial by killing this function. Every epoch's checkpoint path
+    reaches Tune through TuneReportCallback, and the sweep driver builds artifacts from those checkpoints.
+    """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from workflows import train as tr
 
-    ctx = tune.get_context()
-    name = f"{sweep_name}-{ctx.get_trial_id()}"
+    name = f"{sweep_name}-{tune.get_context().get_trial_id()}"
     cfg = trial_config(base, config, name)
     cfg.storage.apply()
     if datasets is None:
@@ -74,15 +80,7 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], sweep_name: str, tri
         datasets = tr.build_datasets(table, cfg)
     trainer = tr.build_trainer(cfg, datasets, tr.loop_config(cfg, select), run_name=name, storage_uri=trials_uri,
                                use_gpu=use_gpu, callbacks=[TuneReportCallback()])
-    result = tr._fit(trainer)
-    ckpt = tr.pick_checkpoint(result, cfg, select)
-    detector, state = tr.checkpoint_to_detector(ckpt, cfg)
-    artifact.save(detector, storage.join(trials_uri, name, "artifact"), threshold=cfg.eval.threshold,
-                  lineage={"sweep": sweep_name, "trial_id": ctx.get_trial_id(), "trial_params": config,
-                           "manifest": cfg.data.manifest, "regime": cfg.data.regime,
-                           "train_config": cfg.model_dump(mode="json")},
-                  metrics={"best_" + (select[0] or "val"): state.get("best")} if state.get("best") is not None
-                  else None)
+    tr._fit(trainer)
 
 
 @dataclass
@@ -102,7 +100,7 @@ def concurrency(cfg: SweepConfig, base: TrainConfig, use_gpu: bool) -> int:
     if cfg.max_concurrent_trials != "auto":
         return int(cfg.max_concurrent_trials)
     res = cluster_resources()
-    per_cpu = base.scaling.num_workers * base.scaling.cpus_per_worker
+    per_cpu = base.scaling.num_workers * base.scaling.cpus_per_worker + TRIAL_DRIVER_CPU
     n = math.floor(res.get("CPU", 1.0) / per_cpu + 1e-9)
     if use_gpu:
         n = min(n, math.floor(res.get("GPU", 0.0) / (base.scaling.num_workers * base.scaling.gpus_per_worker) + 1e-9))
@@ -151,8 +149,8 @@ def run(cfg: SweepConfig) -> SweepResult:
     base_json = base.model_dump(mode="json")
     trainable = tune.with_parameters(_trial, base=base_json, sweep_name=cfg.name, trials_uri=trials_uri,
                                      use_gpu=use_gpu, select=select, datasets=shared)
-    trainable = tune.with_resources(trainable, {"cpu": 0.01})
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=base.optim.epochs,
+    trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU})
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=base.optim.epochs + 1,
                                grace_period=min(cfg.scheduler.grace_period, base.optim.epochs),
                                reduction_factor=cfg.scheduler.reduction_factor)
                  if cfg.scheduler.type == "asha" else FIFOScheduler())
@@ -175,17 +173,18 @@ def run(cfg: SweepConfig) -> SweepResult:
             run_config=run_config)
     grid = tuner.fit()
 
-    trials, curves = _collect(grid, cfg, trials_uri)
+    trials, curves = _collect(grid, cfg, base.optim.epochs)
     report_uri = layout.reports(cfg.name)
     _write_report(cfg, trials, curves, report_uri)
-    done = [t for t in trials if t["artifact"] and t.get("best") is not None]
+    done = [t for t in trials if t["checkpoint"] and t.get("best") is not None]
     if not done:
         errors = [t.get("error") for t in trials if t.get("error")]
-        raise DefectflowError(f"no trial of sweep {cfg.name} finished with an artifact",
+        raise DefectflowError(f"no trial of sweep {cfg.name} reported a checkpoint",
                               f"first error: {errors[0]}" if errors else "see the trial logs in " + sweep_uri)
     pick = max if cfg.mode == "max" else min
     best = pick(done, key=lambda t: t["best"])
     log.info("best trial %s: %s=%.4f with %s", best["trial_id"], cfg.metric, best["best"], best["params"])
+    best["artifact"] = _trial_artifact(best, base_json, cfg, trials_uri, select)
     result = ev.evaluate(best["artifact"], full, split=base.eval.split, threshold=base.eval.threshold,
                          seg_iou_threshold=base.eval.seg_iou_threshold, batch_size=base.eval.batch_size,
                          num_actors=base.eval.num_actors, use_gpu=use_gpu, sheet_images=base.eval.sheet_images,
@@ -205,29 +204,54 @@ def _example(spec: dict[str, Any]) -> Any:
     return next(iter(spec.values()))[0]
 
 
-def _collect(grid: Any, cfg: SweepConfig, trials_uri: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _collect(grid: Any, cfg: SweepConfig, epochs_planned: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per trial: parameters, metric curve, best value and the Train checkpoint that reached it."""
     trials, curves = [], {}
     for res in grid:
         trial_id = _trial_id(res)
-        params = {k: v for k, v in (res.config or {}).items()}
+        params = dict(res.config or {})
         df = res.metrics_dataframe
         values: list[float] = []
         epochs: list[float] = []
+        best, best_ckpt = None, None
         if df is not None and cfg.metric in df.columns:
-            sub = df[[c for c in ("epoch", cfg.metric) if c in df.columns]].dropna()
+            sub = df[df[cfg.metric].notna()]
             values = [float(v) for v in sub[cfg.metric]]
             epochs = [float(v) for v in sub["epoch"]] if "epoch" in sub else list(range(1, len(values) + 1))
-        best = (max(values) if cfg.mode == "max" else min(values)) if values else None
-        art = storage.join(trials_uri, f"{cfg.name}-{trial_id}", "artifact")
-        has_art = storage.exists(storage.join(art, "detector.json"))
+            if values:
+                idx = sub[cfg.metric].idxmax() if cfg.mode == "max" else sub[cfg.metric].idxmin()
+                best = float(sub.loc[idx, cfg.metric])
+                if "checkpoint_path" in sub and isinstance(sub.loc[idx, "checkpoint_path"], str):
+                    best_ckpt = sub.loc[idx, "checkpoint_path"]
+        stopped = bool(values) and len(values) < epochs_planned
         trials.append({"trial_id": trial_id, "params": params, "epochs": len(values), "best": best,
-                       "last": values[-1] if values else None,
-                       "status": "error" if res.error else ("completed" if has_art else "stopped"),
-                       "artifact": art if has_art else None, "error": str(res.error)[:500] if res.error else None})
+                       "last": values[-1] if values else None, "checkpoint": best_ckpt, "artifact": None,
+                       "status": "error" if res.error else ("stopped early" if stopped else "completed"),
+                       "error": str(res.error)[:500] if res.error else None})
         label = trial_id + " " + ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in params.items())
         curves[label] = (epochs, values)
     trials.sort(key=lambda t: t["trial_id"])
     return trials, curves
+
+
+def _trial_artifact(trial: dict[str, Any], base: dict[str, Any], cfg: SweepConfig, trials_uri: str,
+                    select: tuple[str | None, str]) -> str:
+    """Build the artifact of a trial from its best Train checkpoint (in the trials storage)."""
+    from ray.train import Checkpoint
+
+    from workflows import train as tr
+
+    name = f"{cfg.name}-{trial['trial_id']}"
+    tcfg = trial_config(base, trial["params"], name)
+    fs, _ = storage.arrow_fs(trials_uri)
+    detector, state = tr.checkpoint_to_detector(Checkpoint(path=trial["checkpoint"], filesystem=fs), tcfg)
+    uri = storage.join(trials_uri, name, "artifact")
+    artifact.save(detector, uri, threshold=tcfg.eval.threshold,
+                  metrics={f"best_{select[0]}": trial["best"]},
+                  lineage={"sweep": cfg.name, "trial_id": trial["trial_id"], "trial_params": trial["params"],
+                           "chosen_epoch": int(state["epoch"]) + 1, "manifest": tcfg.data.manifest,
+                           "regime": tcfg.data.regime, "train_config": tcfg.model_dump(mode="json")})
+    return uri
 
 
 def _trial_id(res: Any) -> str:
@@ -246,10 +270,10 @@ def _write_report(cfg: SweepConfig, trials: list[dict[str, Any]], curves: dict[s
     keys = list(cfg.space)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["trial_id", *keys, "epochs", f"best_{cfg.metric}", f"last_{cfg.metric}", "status", "artifact"])
+    w.writerow(["trial_id", *keys, "epochs", f"best_{cfg.metric}", f"last_{cfg.metric}", "status", "checkpoint"])
     for t in trials:
         w.writerow([t["trial_id"], *[t["params"].get(k) for k in keys], t["epochs"], t["best"], t["last"],
-                    t["status"], t["artifact"] or ""])
+                    t["status"], t["checkpoint"] or ""])
     storage.write_text(storage.join(report_uri, "trials.csv"), buf.getvalue())
     rows = [{"trial": t["trial_id"], **{k: t["params"].get(k) for k in keys}, "epochs": t["epochs"],
              f"best {cfg.metric}": t["best"], "status": t["status"]} for t in trials]

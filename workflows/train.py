@@ -379,6 +379,11 @@ def checkpoint_to_detector(checkpoint: Any, cfg: TrainConfig) -> tuple[Any, dict
     return detector.eval(), state
 
 
+def checkpoint_state(checkpoint: Any) -> dict[str, Any]:
+    with checkpoint.as_directory() as d:
+        return _read_json(os.path.join(d, CKPT_STATE))
+
+
 def pick_checkpoint(result: Any, cfg: TrainConfig, select: tuple[str | None, str]) -> Any:
     sel, mode = select
     if cfg.checkpoint.select == "best" and sel and result.best_checkpoints:
@@ -405,17 +410,23 @@ class TrainResult:
 
 
 def finalize(cfg: TrainConfig, full: pa.Table, checkpoint: Any, *, layout: storage.Layout, run_uri: str,
-             lineage: dict[str, Any], use_gpu: bool, evaluate_split: str | None = None,
-             report_name: str | None = None, register: bool | None = None) -> TrainResult:
-    """Checkpoint -> artifact in the run folder -> evaluation -> report -> registry."""
+             lineage: dict[str, Any], use_gpu: bool, history: list[dict[str, Any]] | None = None,
+             evaluate_split: str | None = None, report_name: str | None = None,
+             register: bool | None = None) -> TrainResult:
+    """Checkpoint -> artifact in the run folder -> evaluation -> report -> registry.
+
+    ``history`` is the per-epoch metrics of the whole run (from the latest checkpoint); the chosen checkpoint may be
+    an earlier, better epoch.
+    """
     from workflows import evaluate as ev
 
     detector, state = checkpoint_to_detector(checkpoint, cfg)
     art_uri = storage.join(run_uri, "artifact")
-    val_hist = state.get("history", [])
+    chosen = state.get("history", [])
+    history = history if history is not None else chosen
     lineage = {"manifest": cfg.data.manifest, "manifest_digest": manifest.digest(full), "run": run_uri,
-               "regime": cfg.data.regime, "epochs_trained": len(val_hist), "train_config": cfg.model_dump(mode="json"),
-               **lineage}
+               "regime": cfg.data.regime, "epochs_trained": len(history), "chosen_epoch": int(state["epoch"]) + 1,
+               "train_config": cfg.model_dump(mode="json"), **lineage}
     artifact.save(detector, art_uri, threshold=cfg.eval.threshold, lineage=lineage)
     split = evaluate_split or cfg.eval.split
     result = ev.evaluate(art_uri, full, split=split, threshold=cfg.eval.threshold,
@@ -423,14 +434,14 @@ def finalize(cfg: TrainConfig, full: pa.Table, checkpoint: Any, *, layout: stora
                          num_actors=cfg.eval.num_actors, use_gpu=use_gpu, sheet_images=cfg.eval.sheet_images,
                          max_pixels=cfg.data.max_image_pixels)
     metrics = {f"{split}_{k}" if k not in ("split",) else k: v for k, v in result.metrics.items()}
-    last = val_hist[-1] if val_hist else {}
+    last = chosen[-1] if chosen else {}
     val_metrics = {k: v for k, v in last.items() if k.startswith("val_")}
     all_metrics = {**metrics, **val_metrics, "best_" + (state.get("select") or "val"): state.get("best")}
     all_metrics = {k: v for k, v in all_metrics.items() if v is not None}
     artifact.update_meta(art_uri, metrics=all_metrics)
     report_uri = layout.reports(report_name or cfg.name)
     ev.write_report(result, report_uri, title=f"{cfg.name}: {cfg.model.family} on {split}")
-    storage.write_json(storage.join(report_uri, "history.json"), val_hist)
+    storage.write_json(storage.join(report_uri, "history.json"), history)
     registered = None
     if cfg.output.register_model if register is None else register:
         registered = artifact.register(art_uri, layout, cfg.output.model_name or cfg.model.family)
@@ -465,8 +476,9 @@ def run(cfg: TrainConfig) -> TrainResult:
              cfg.scaling.num_workers, use_gpu, run_uri)
     result = _fit(trainer)
     ckpt = pick_checkpoint(result, cfg, select)
+    history = checkpoint_state(result.checkpoint).get("history") if result.checkpoint is not None else None
     out = finalize(cfg, full, ckpt, layout=layout, run_uri=run_uri, lineage={"run_name": cfg.name},
-                   use_gpu=use_gpu)
+                   use_gpu=use_gpu, history=history)
     out.seconds = round(time.time() - t0, 1)
     log.info("done in %.0f s: %s", out.seconds, {k: v for k, v in out.metrics.items() if isinstance(v, float)})
     return out

@@ -197,17 +197,20 @@ _unit_hash = unit_hash
 
 def assign_splits(table: pa.Table, fractions: Mapping[str, float] | None = None, seed: int = 0,
                   keep_existing: bool = False) -> pa.Table:
-    """Deterministic train/val/test split derived from sample ids, stratified by label.
+    """Deterministic train/val/test split derived from sample ids, stratified by label and spread over classes.
 
-    Within each stratum, samples are ordered by a seeded hash of their id and cut at the cumulative fractions, so a
-    sample's split depends on its id and its stratum only, never on file order. ``keep_existing`` leaves rows whose
-    split came from the dataset's authors untouched (it only fills rows marked with an empty split).
+    Within each label, samples are ordered by (defect_class, seeded hash of the id) and dealt out one by one to the
+    split furthest below its target share (largest-remainder dealing). Totals per label are exact, every class is
+    spread over the splits in proportion (even small ones), and a sample's split depends only on the ids, never on
+    file order. ``keep_existing`` leaves rows whose split came from the dataset's authors untouched (it only fills
+    rows whose split is empty).
     """
     fr = dict(fractions or {"train": 0.7, "val": 0.1, "test": 0.2})
     if set(fr) - set(SPLITS) or abs(sum(fr.values()) - 1.0) > 1e-6 or any(v < 0 for v in fr.values()):
         raise DataError(f"split fractions {fr} must be over {SPLITS} and sum to 1", "e.g. train 0.7, val 0.1, test 0.2")
     ids = table["sample_id"].to_pylist()
     labels = table["label"].to_pylist()
+    classes = table["defect_class"].to_pylist()
     splits = table["split"].to_pylist()
     strata: dict[int | None, list[int]] = {}
     for i, lab in enumerate(labels):
@@ -217,17 +220,12 @@ def assign_splits(table: pa.Table, fractions: Mapping[str, float] | None = None,
     new = list(splits)
     names = [s for s in SPLITS if fr.get(s, 0) > 0]
     for members in strata.values():
-        members.sort(key=lambda i: unit_hash(ids[i], seed))
-        n = len(members)
-        bounds, acc = [], 0.0
-        for s in names:
-            acc += fr[s]
-            bounds.append(round(acc * n))
-        start = 0
-        for s, end in zip(names, bounds, strict=True):
-            for i in members[start:end]:
-                new[i] = s
-            start = end
+        members.sort(key=lambda i: (classes[i] or "", unit_hash(ids[i], seed)))
+        dealt = dict.fromkeys(names, 0)
+        for k, i in enumerate(members, start=1):
+            pick = max(names, key=lambda s: (fr[s] * k - dealt[s], fr[s]))
+            dealt[pick] += 1
+            new[i] = pick
     return table.set_column(table.schema.get_field_index("split"), "split", pa.array(new, pa.string()))
 
 

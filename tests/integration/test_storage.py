@@ -85,9 +85,8 @@ def test_arrow_fs_reads_what_fsspec_wrote(root):
 def test_local_path_and_copy_tree(root, tmp_path):
     storage.write_bytes(storage.join(root, "tree/a.txt"), b"A")
     storage.write_bytes(storage.join(root, "tree/d/b.txt"), b"B")
-    with storage.local_path(storage.join(root, "tree/a.txt")) as p:
-        with open(p, "rb") as f:
-            assert f.read() == b"A"
+    with storage.local_path(storage.join(root, "tree/a.txt")) as p, open(p, "rb") as f:
+        assert f.read() == b"A"
     dst = str(tmp_path / "copy")
     storage.copy_tree(storage.join(root, "tree"), dst)
     with open(os.path.join(dst, "d/b.txt"), "rb") as f:
