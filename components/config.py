@@ -169,6 +169,9 @@ class OptimSettings(Strict):
 class CheckpointSettings(Strict):
     num_to_keep: int = Field(2, ge=1)
     select: Literal["best", "last"] = Field("best", description="which checkpoint becomes the artifact")
+    metric: str = Field("auto", description="selection metric: auto (val_iou_pooled with validation masks, else "
+                                            "val_loss) or any reported metric, e.g. val_iou")
+    mode: Literal["min", "max"] = Field("max", description="for an explicit metric")
 
 
 class EvalSettings(Strict):
@@ -217,7 +220,7 @@ class SweepConfig(Strict):
         ..., description="dotted train-config key -> {grid: [...]} | {choice: [...]} | {uniform: [a, b]} | "
                          "{loguniform: [a, b]} | {randint: [a, b]}")
     num_samples: int = Field(1, ge=1, description="samples per grid point")
-    metric: str = "val_iou"
+    metric: str = "val_iou_pooled"
     mode: Literal["min", "max"] = "max"
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     max_concurrent_trials: int | Literal["auto"] = "auto"

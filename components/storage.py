@@ -308,6 +308,22 @@ def makedirs(uri: str) -> None:
     os.makedirs(uri, exist_ok=True)
 
 
+@contextlib.contextmanager
+def _atomic_local(uri: str) -> Iterator[str]:
+    """A temporary sibling of ``uri`` to write; renamed onto ``uri`` on success, removed on failure."""
+    with _errors("write", uri):
+        os.makedirs(os.path.dirname(uri) or ".", exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(uri) or ".")
+        os.close(fd)
+        try:
+            yield tmp
+            os.replace(tmp, uri)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Atomically write ``data`` to ``uri`` (temp + rename locally, single PUT on S3)."""
     uri = normalize(uri)
@@ -316,19 +332,10 @@ def write_bytes(uri: str, data: bytes) -> None:
         with _errors("write", uri):
             fs.pipe_file(path, data)
         return
-    with _errors("write", uri):
-        os.makedirs(os.path.dirname(uri) or ".", exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(uri) or ".")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, uri)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+    with _atomic_local(uri) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_text(uri: str, text: str) -> None:
@@ -362,17 +369,8 @@ def upload_file(local: str, uri: str) -> None:
         with _errors("upload", uri):
             fs.put_file(local, path)
         return
-    with _errors("copy", uri):
-        os.makedirs(os.path.dirname(uri) or ".", exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(uri) or ".")
-        os.close(fd)
-        try:
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, uri)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+    with _atomic_local(uri) as tmp:
+        shutil.copyfile(local, tmp)
 
 
 def upload_dir(local_dir: str, uri: str) -> None:

@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="./defectflow-demo", help="demo output folder (re-created each run)")
     d.add_argument("--images", type=int, default=160, help="procedural images to generate")
     d.add_argument("--size", type=int, default=128, help="image side length")
-    d.add_argument("--epochs", type=int, default=8, help="training epochs")
-    d.add_argument("--sweep-epochs", type=int, default=3, help="epochs per sweep trial")
+    d.add_argument("--epochs", type=int, default=40, help="training epochs")
+    d.add_argument("--sweep-epochs", type=int, default=6, help="epochs per sweep trial")
     d.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     d.add_argument("--port", type=int, default=8000, help="HTTP port of the demo endpoint")
     return p

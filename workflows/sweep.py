@@ -129,20 +129,18 @@ def run(cfg: SweepConfig) -> SweepResult:
                               ) from e
     registry.get(base.model.family)
     layout = base.storage.apply()
+    full, table = tr.training_table(base)
+    if tr.selection_metric(table, base)[0] is None:
+        raise ConfigError("the manifest has no validation split; a sweep needs one to compare trials",
+                          "re-ingest with a val fraction > 0 (split.val)")
+    select = (cfg.metric, cfg.mode)
     init_ray(base.ray, base.storage)
     use_gpu = resolve_use_gpu(base.scaling)
     check_train_resources(base.scaling, use_gpu)
     n_conc = concurrency(cfg, base, use_gpu)
-
-    full, table = tr.training_table(base)
-    select = tr.selection_metric(table, base)
-    if select[0] is None:
-        raise ConfigError("the manifest has no validation split; a sweep needs one to compare trials",
-                          "re-ingest with a val fraction > 0 (split.val)")
-    if cfg.metric != select[0]:
-        select = (cfg.metric, cfg.mode)
     data_keys = [k for k in cfg.space if k.startswith("data.")]
     shared = None if data_keys else tr.build_datasets(table, base)
+    tr.quiet_data_progress()
 
     sweep_uri = layout.run(cfg.name)
     trials_uri = storage.join(sweep_uri, "trials")

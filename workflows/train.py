@@ -117,6 +117,13 @@ def build_datasets(table: pa.Table, cfg: TrainConfig) -> dict[str, Any]:
     return out
 
 
+def quiet_data_progress() -> None:
+    """Per-epoch shard iteration would draw a Ray Data progress bar every epoch; the epoch lines say enough."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
 def _storage_env() -> dict[str, Any]:
     s = storage.settings()
     return {"endpoint_url": s.endpoint_url, "region": s.region}
@@ -197,7 +204,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
             best = state.get("best")
             history = state.get("history", [])
         if rank == 0:
-            print(f"[defectflow] resuming run {c['name']} at epoch {start_epoch + 1}", flush=True)
+            _worker_log().info("[defectflow] resuming run %s at epoch %d", c["name"], start_epoch + 1)
 
     step = prepare_model(_train_step_module(detector, objective))
     device = get_device()
@@ -260,10 +267,18 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
                     json.dump({"epoch": epoch, "best": best, "select": c["_select_metric"], "fingerprint": fingerprint,
                                "history": history}, f)
                 checkpoint = Checkpoint.from_directory(d)
-                print(f"[defectflow] epoch {epoch + 1}/{o['epochs']} " + " ".join(
-                    f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
+                _worker_log().info("[defectflow] epoch %d/%d %s", epoch + 1, o["epochs"], " ".join(
+                    f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
             ray.train.report(metrics, checkpoint=checkpoint)
     return {"epochs": o["epochs"], "best": best}
+
+
+def _worker_log() -> logging.Logger:
+    """Progress lines of a Train worker: Ray Train routes the worker's root logger to the driver's console once
+    (a plain ``print`` is tee'd and would appear twice)."""
+    wlog = logging.getLogger("defectflow.train.worker")
+    wlog.setLevel(logging.INFO)
+    return wlog
 
 
 def _read_json(path: str) -> Any:
@@ -280,7 +295,9 @@ def _pre(c: dict[str, Any]) -> dict[str, Any]:
 
 def _validate(step: Any, detector: Any, shard: Any, device: Any, thr: float, batch_size: int,
               world: int) -> dict[str, Any]:
-    """Validation loss, mean per-image IoU (images with masks) and MAE, reduced over all workers."""
+    """Validation loss, IoU (mean per image as the GMBINet authors, and pooled over pixels) and MAE of the images
+    with masks, reduced over all workers. Pooled IoU also counts false alarms on defect-free images, which the
+    per-image mean rewards (an empty prediction scores 1 there): it is the default selection metric."""
     import torch
     import torch.distributed as dist
 
@@ -290,7 +307,7 @@ def _validate(step: Any, detector: Any, shard: Any, device: Any, thr: float, bat
         return {}
     step.eval()
     inner = step.module if hasattr(step, "module") else step
-    acc = torch.zeros(5, dtype=torch.float64)  # loss_sum, n_batches, iou_sum, mae_sum, n_masked
+    acc = torch.zeros(8, dtype=torch.float64)  # loss_sum, n_batches, iou_sum, mae_sum, n_masked, tp, fp, fn
     with torch.no_grad():
         for arrays in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
             b = to_batch(arrays, device)
@@ -308,6 +325,9 @@ def _validate(step: Any, detector: Any, shard: Any, device: Any, thr: float, bat
                 acc[2] += float(((inter + 1e-7) / (union + 1e-7)).sum())
                 acc[3] += float((pred - gt).abs().flatten(1).mean(1).sum())
                 acc[4] += float(sel.sum())
+                acc[5] += float(inter.sum())
+                acc[6] += float((binp * (1 - gt)).sum())
+                acc[7] += float(((1 - binp) * gt).sum())
     if world > 1 and dist.is_available() and dist.is_initialized():
         acc_dev = acc.to(device)
         dist.all_reduce(acc_dev)
@@ -318,6 +338,8 @@ def _validate(step: Any, detector: Any, shard: Any, device: Any, thr: float, bat
     if acc[4] > 0:
         out["val_iou"] = float(acc[2] / acc[4])
         out["val_mae"] = float(acc[3] / acc[4])
+        denom = float(acc[5] + acc[6] + acc[7])
+        out["val_iou_pooled"] = float(acc[5]) / denom if denom > 0 else 1.0
     return out
 
 
@@ -325,12 +347,15 @@ def _validate(step: Any, detector: Any, shard: Any, device: Any, thr: float, bat
 
 
 def selection_metric(table: pa.Table, cfg: TrainConfig) -> tuple[str | None, str]:
-    """val_iou when validation has masks, else val_loss, else none (keep the last checkpoint)."""
+    """``checkpoint.metric`` when set; else val_iou_pooled when validation has masks, else val_loss, else none
+    (no validation split: keep the last checkpoint)."""
     val = table.filter(pc.equal(table["split"], "val"))
     if val.num_rows == 0:
         return None, "max"
+    if cfg.checkpoint.metric != "auto":
+        return cfg.checkpoint.metric, cfg.checkpoint.mode
     if int(pc.sum(pc.equal(val["supervision"], "pixel")).as_py() or 0) > 0:
-        return "val_iou", "max"
+        return "val_iou_pooled", "max"
     return "val_loss", "min"
 
 
@@ -343,7 +368,7 @@ def loop_config(cfg: TrainConfig, select: tuple[str | None, str]) -> dict[str, A
 
 def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], loop_cfg: dict[str, Any], *, run_name: str,
                   storage_uri: str, use_gpu: bool, callbacks: list[Any] | None = None) -> Any:
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     fs, path = storage.arrow_fs(storage_uri)
@@ -361,7 +386,7 @@ def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], loop_cfg: dict[str
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
                              checkpoint_config=ckpt_cfg, failure_config=FailureConfig(max_failures=1),
-                             callbacks=callbacks or []),
+                             callbacks=callbacks or [], logging_config=LoggingConfig(log_level="WARNING")),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split="all"),
     )
@@ -459,16 +484,17 @@ def run(cfg: TrainConfig) -> TrainResult:
     registry.get(cfg.model.family)  # unknown family -> ConfigError before Ray starts
     registry.params(cfg.model.family, cfg.model.params)
     registry.loss_params(cfg.model.family, cfg.loss)
+    full, table = training_table(cfg)  # bad manifests fail before Ray starts
+    select = selection_metric(table, cfg)
     init_ray(cfg.ray, cfg.storage)
     use_gpu = resolve_use_gpu(cfg.scaling)
     check_train_resources(cfg.scaling, use_gpu)
 
-    full, table = training_table(cfg)
-    select = selection_metric(table, cfg)
     counts = manifest.summary(table)
     log.info("run %s: %s on %s (regime %s): %s", cfg.name, cfg.model.family, cfg.data.manifest, cfg.data.regime,
              {k: v for k, v in counts.items() if k != "rows"})
     datasets = build_datasets(table, cfg)
+    quiet_data_progress()
     run_uri = layout.run(cfg.name)
     trainer = build_trainer(cfg, datasets, loop_config(cfg, select), run_name=cfg.name, storage_uri=layout.runs(),
                             use_gpu=use_gpu)

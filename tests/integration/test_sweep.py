@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 def sweep_config(root: str, manifest_uri: str, name: str, **over) -> SweepConfig:
     data = {
         "name": name,
-        "metric": "val_iou",
+        "metric": "val_iou_pooled",
         "mode": "max",
         "space": {"model.params.n": {"grid": [2, 4]}},
         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
@@ -41,7 +41,7 @@ def _check(res, root):
     assert len(res.trials) == 2
     assert sorted(t["params"]["model.params.n"] for t in res.trials) == [2, 4]
     rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(res.report_uri, "trials.csv")))))
-    assert len(rows) == 2 and "best_val_iou" in rows[0]
+    assert len(rows) == 2 and "best_val_iou_pooled" in rows[0]
     assert "| trial |" in storage.read_text(storage.join(res.report_uri, "trials.md"))
     assert storage.read_bytes(storage.join(res.report_uri, "curves.png"))[:4] == b"\x89PNG"
     det, meta = artifact.load(res.registered_uri)

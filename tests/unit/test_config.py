@@ -81,4 +81,4 @@ def test_ready_configs_validate():
     assert cfgmod.load(TrainConfig, str(configs / "gmbinet_procedural.yaml")).model.family == "gmbinet"
     assert cfgmod.load(TrainConfig, str(configs / "gmbinet_sd900.yaml")).optim.lr_schedule == "cosine"
     assert cfgmod.load(IngestConfig, str(configs / "ingest_sd900.yaml")).dataset == "sd_saliency_900"
-    assert cfgmod.load(SweepConfig, str(configs / "sweep_gmbinet_procedural.yaml")).metric == "val_iou"
+    assert cfgmod.load(SweepConfig, str(configs / "sweep_gmbinet_procedural.yaml")).metric == "val_iou_pooled"
