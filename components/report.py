@@ -47,7 +47,7 @@ def prediction_sheet(rows: Sequence[Mapping[str, Any]], title: str = "") -> byte
             a.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (2.5 * n)) if title else None)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)

@@ -88,13 +88,14 @@ class EvalResult:
 
 
 def pick_sheet_ids(table: pa.Table, n: int) -> list[str]:
-    """Half defective, half defect-free (when both exist), chosen by sorted id for stability."""
+    """Half defective, half defect-free (when both exist), in a seeded-hash order of ids: stable between runs and
+    spread over classes (sorted ids would show one class only)."""
     if n <= 0 or table.num_rows == 0:
         return []
     ids = table["sample_id"].to_pylist()
     labels = table["label"].to_pylist()
-    pos = sorted(i for i, lab in zip(ids, labels, strict=True) if lab == 1)
-    neg = sorted(i for i, lab in zip(ids, labels, strict=True) if lab != 1)
+    pos = sorted((i for i, lab in zip(ids, labels, strict=True) if lab == 1), key=lambda i: manifest.unit_hash(i, 0))
+    neg = sorted((i for i, lab in zip(ids, labels, strict=True) if lab != 1), key=lambda i: manifest.unit_hash(i, 0))
     n_pos = min(len(pos), max(n - len(neg), (n + 1) // 2))
     return pos[:n_pos] + neg[: n - n_pos]
 

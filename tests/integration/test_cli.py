@@ -75,3 +75,19 @@ def test_import_weights_rejects_garbage(tmp_path):
     f.write_bytes(b"garbage")
     r = cli("import-weights", "gmbinet", str(f), str(tmp_path / "art"))
     assert r.returncode == 2 and "error:" in r.stderr
+
+
+def test_import_weights_from_an_authors_layout_checkpoint(tmp_path):
+    import torch
+
+    from components import artifact
+    from components.models.gmbinet.convert import authors_layout_random_state_dict
+
+    ckpt = tmp_path / "GMBINet-SDSaliency900.pt"
+    torch.save(authors_layout_random_state_dict(seed=1), ckpt)
+    r = cli("import-weights", "gmbinet", str(ckpt), str(tmp_path / "art"))
+    assert r.returncode == 0, r.stderr
+    det, meta = artifact.load(str(tmp_path / "art"))
+    assert meta["input_size"] == [512, 512] and meta["normalization"]["scale_by_max"] is True
+    assert meta["threshold"] == 0.5 and meta["lineage"]["imported_from"].endswith("GMBINet-SDSaliency900.pt")
+    assert det.params.side_output == 0
