@@ -89,7 +89,7 @@ class SplitConfig(Strict):
 
 
 class IngestConfig(Strict):
-    dataset: str = Field(..., description="adapter: folder, sd_saliency_900, magnetic_tile, crackforest, procedural")
+    dataset: str = Field(..., description="layout (adapter) name; `defectflow ingest --help` lists them")
     root: str | None = Field(None, description="dataset folder or s3:// prefix (not needed for procedural)")
     name: str | None = Field(None, description="dataset name in the layout (default: the adapter name)")
     out: str | None = Field(None, description="manifest URI (default <storage.root>/datasets/<name>/manifest.parquet)")

@@ -86,6 +86,9 @@ def dispatch(args: argparse.Namespace) -> tuple[Any, int]:
     if cmd == "ingest":
         from workflows import ingest
 
+        if args.list:
+            print(ingest.describe_layouts())
+            return None, 0
         res = ingest.run(ingest.config_from_args(args))
         print(f"manifest: {res.manifest_uri}\nrows: {json.dumps(res.summary)}")
         return res, 0

@@ -50,6 +50,7 @@ def run(cfg: IngestConfig) -> IngestResult:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--list", action="store_true", help="print every dataset layout with its options and exit")
     p.add_argument("--config", help="YAML ingest config (keys as in the README)")
     p.add_argument("--dataset", help=f"layout: {', '.join(sorted(adapters.ADAPTERS))}")
     p.add_argument("--root", help="dataset folder or s3:// prefix")
@@ -59,6 +60,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="adapter option, e.g. --option count=200 (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+
+
+def describe_layouts() -> str:
+    """Every layout's documented folder structure and options (``defectflow ingest --list``)."""
+    import textwrap
+
+    out = []
+    for name, ad in sorted(adapters.ADAPTERS.items()):
+        opts = ", ".join(f"{k}={f.default!r}" for k, f in ad.Options.model_fields.items()) or "none"
+        out.append(f"{name}\n" + textwrap.fill(ad.description, 100, initial_indent="  ", subsequent_indent="  ")
+                   + f"\n  options: {opts}\n")
+    return "\n".join(out)
 
 
 def config_from_args(args: argparse.Namespace) -> IngestConfig:

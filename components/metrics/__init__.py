@@ -1,9 +1,10 @@
-"""Image-, pixel-, sample- and saliency-level metrics in plain numpy (no torch, no Ray, no scikit-learn).
+"""Image-, pixel-, sample-, saliency- and anomaly-level metrics in plain numpy (no torch, no Ray, no scikit-learn).
 
 Workers call :func:`image_stats` per image; the driver calls :func:`summarize` on the collected dicts.
 """
 
 from components.metrics.aggregate import image_stats, summarize
+from components.metrics.anomaly import aupro, choose_threshold, pixel_entry, pro_curve
 from components.metrics.image import auc_from_histograms, average_precision, f1_max_threshold, pixel_roc_auc, roc_auc
 from components.metrics.saliency import (
     as_prob_map,
@@ -27,7 +28,9 @@ from components.metrics.sample import (
 __all__ = [
     "as_prob_map",
     "auc_from_histograms",
+    "aupro",
     "average_precision",
+    "choose_threshold",
     "confusion",
     "f1_max_threshold",
     "f_max",
@@ -36,9 +39,11 @@ __all__ = [
     "iou_from_counts",
     "mae",
     "mean_pr_curve",
+    "pixel_entry",
     "pixel_roc_auc",
     "pooled_iou",
     "pr_curve_counts",
+    "pro_curve",
     "roc_auc",
     "s_measure",
     "sample_miou",

@@ -1,8 +1,9 @@
 """The evaluation contract between Ray workers and the driver.
 
 Workflows compute :func:`image_stats` next to the model (one small, JSON-able dict per image: a few floats, four
-pixel counts and two 256-bin histograms) and ship those to the driver, which calls :func:`summarize`. Everything a
-summary needs is therefore either averaged per image or additive across images; no pixel map ever travels.
+pixel counts, two 256-bin histograms and the sparse fine-grid histograms of :mod:`components.metrics.anomaly`) and
+ship those to the driver, which calls :func:`summarize`. Everything a summary needs is therefore either averaged per
+image or additive across images; no pixel map ever travels.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from components.metrics import anomaly, saliency
 from components.metrics import image as image_metrics
-from components.metrics import saliency
 from components.metrics import sample as sample_metrics
 
 __all__ = ["image_stats", "summarize"]
@@ -47,7 +48,10 @@ def image_stats(
     no pixel annotation (then only prediction-side fields are returned, with ``has_mask: False``, so that weakly
     labelled images still flow through the same code). ``threshold`` binarises the map for IoU and the confusion
     counts; ``min_pixels`` is how many predicted pixels make the image "predicted defective" (``pred_nonempty``).
-    ``wfm`` is None on an empty mask, where the weighted F-measure carries no information.
+    ``wfm`` is None on an empty mask, where the weighted F-measure carries no information. ``map_max`` (always
+    present) is the image score of the segmentation head, for the seg-image AUROC; ``pixel`` (with a mask) is the
+    :func:`components.metrics.anomaly.pixel_entry` behind pixel AUROC / AP and AUPRO (a few kB for a clean
+    image, ~20 kB for a 256×256 image with 10 defect regions).
     """
     p = _squeeze_map(prob, "prob").astype(np.float64, copy=False)
     if min_pixels < 1:
@@ -63,7 +67,7 @@ def image_stats(
     }
     if mask is None:
         # still reject maps the metrics would reject, so a bad model output fails where it is produced
-        saliency.as_prob_map(p)
+        out["map_max"] = float(saliency.as_prob_map(p).max())
         return out
     g = _squeeze_map(mask, "mask")
     g = g if g.dtype == bool else g >= 0.5
@@ -72,6 +76,7 @@ def image_stats(
             f"mask shape {g.shape} does not match prediction shape {p.shape}; resize the map to the mask first"
         )
     p = saliency.as_prob_map(p)
+    out["map_max"] = float(p.max())
     tp, fp, fn, tn = sample_metrics.confusion(binary, g)
     gt_pixels = tp + fn
     hist_pos, hist_neg = saliency.pr_curve_counts(p, g, n_bins=n_bins)
@@ -90,6 +95,7 @@ def image_stats(
             "sm": saliency.s_measure(p, g),
             "hist_pos": [int(v) for v in hist_pos],
             "hist_neg": [int(v) for v in hist_neg],
+            "pixel": anomaly.pixel_entry(p, g),
         }
     )
     return out
@@ -109,6 +115,30 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _anomaly_pixel_metrics(masked: Sequence[Mapping[str, Any]], fpr_limit: float) -> dict[str, Any]:
+    """pixel_auroc / pixel_ap / aupro over the images with masks, None where undefined.
+
+    All masked images must carry a pixel entry: dropping some would silently change which pixels the metric is
+    about, so stats from an older version make these metrics None (with a warning) instead.
+    """
+    out: dict[str, Any] = {"pixel_auroc": None, "pixel_ap": None, "aupro": None, "n_defect_regions": 0}
+    if any("pixel" not in s for s in masked):
+        logger.warning(
+            "some images with masks carry no pixel entry (stats from an older version?): "
+            "pixel_auroc, pixel_ap and aupro are not computed"
+        )
+        return out
+    entries = [s["pixel"] for s in masked]
+    out["n_defect_regions"] = sum(len(e["regions"]) for e in entries)
+    n_pos = sum(sum(e["pos"]["c"]) for e in entries)
+    n_neg = sum(sum(e["neg"]["c"]) for e in entries)
+    if n_pos and n_neg:
+        out["pixel_auroc"] = anomaly.pixel_auroc(entries)
+        out["pixel_ap"] = anomaly.pixel_ap(entries)
+        out["aupro"] = anomaly.aupro(entries, fpr_limit=fpr_limit)
+    return out
+
+
 def summarize(
     stats: Sequence[Mapping[str, Any]],
     labels: Sequence[int | bool | None],
@@ -117,6 +147,7 @@ def summarize(
     *,
     include_pred_only: bool = False,
     beta2: float = 0.3,
+    fpr_limit: float = 0.3,
 ) -> dict[str, float | int | None]:
     """Flat dataset summary from per-image stats (segmentation) and per-image labels/scores (classification).
 
@@ -130,8 +161,15 @@ def summarize(
     masks. Averaging rules: mae, iou and sm are means over all images with masks (``iou`` uses the empty/empty = 1
     convention); wfm is a mean over defective masks only; f_max (β² = ``beta2``) averages precision/recall over
     defective masks; sample_miou, seg_recall (IoU >= ``seg_iou_threshold``, 0 = any overlap) and seg_accuracy
-    follow :mod:`components.metrics.sample`. ``pixel_auroc_binned`` is a pixel AUROC from the summed histograms,
-    approximate within the share of positive/negative pixel pairs that share a bin.
+    follow :mod:`components.metrics.sample`.
+
+    Anomaly-detection metrics (MVTec AD / anomalib / SuperSimpleNet conventions, see
+    :mod:`components.metrics.anomaly` for the binning and its accuracy): image_auroc / image_ap rank the given
+    ``scores``; seg_image_auroc ranks ``map_max`` (the segmentation head used as classifier) over the same labels,
+    so images without masks count too. pixel_auroc, pixel_ap (pooled pixels) and aupro (FPR up to ``fpr_limit``,
+    normalised) need pixel entries with both defect and normal pixels; ``n_defect_regions`` is how many connected
+    regions AUPRO averages over. ``pixel_auroc_binned`` is kept as an alias of pixel_auroc (for stats written
+    before the fine grid existed it falls back to the 256-bin histograms).
     """
     stats = list(stats)
     labels = list(labels)
@@ -160,6 +198,11 @@ def summarize(
         "seg_accuracy": None,
         "image_auroc": None,
         "image_ap": None,
+        "seg_image_auroc": None,
+        "n_defect_regions": 0,
+        "pixel_auroc": None,
+        "pixel_ap": None,
+        "aupro": None,
     }
 
     if masked:
@@ -182,6 +225,9 @@ def summarize(
         hist_neg = np.sum([s["hist_neg"] for s in masked], axis=0)
         if hist_pos.sum() > 0 and hist_neg.sum() > 0:
             out["pixel_auroc_binned"] = image_metrics.auc_from_histograms(hist_pos, hist_neg)
+        out.update(_anomaly_pixel_metrics(masked, fpr_limit))
+        if out["pixel_auroc"] is not None:
+            out["pixel_auroc_binned"] = out["pixel_auroc"]
 
     pairs = []
     for label, score in zip(labels, scores, strict=True):
@@ -197,5 +243,13 @@ def summarize(
         s = [sc for _, sc in pairs]
         out["image_auroc"] = image_metrics.roc_auc(y, s)
         out["image_ap"] = image_metrics.average_precision(y, s)
+    if stats and labels:
+        seg = [
+            (int(bool(lab)), float(st["map_max"]))
+            for lab, st in zip(labels, stats, strict=True)
+            if lab is not None and st.get("map_max") is not None
+        ]
+        if len({lab for lab, _ in seg}) == 2:
+            out["seg_image_auroc"] = image_metrics.roc_auc([lab for lab, _ in seg], [m for _, m in seg])
 
     return {k: _clean(v) for k, v in out.items()}

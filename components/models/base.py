@@ -143,13 +143,16 @@ class Batch(NamedTuple):
     """What a training objective receives (already on the device).
 
     ``images`` (B,3,H,W) in [0,1]; ``masks`` (B,1,H,W) float {0,1} (zeros where unknown); ``labels`` (B,) float
-    (-1 where unknown); ``has_mask`` (B,) bool: the mask may be used for a pixel loss.
+    (-1 where unknown); ``has_mask`` (B,) bool: the mask may be used for a pixel loss. ``features`` (B,C,h,w) is set
+    when training from cached backbone features (``images`` is then an empty (B,0,H,W) placeholder and the objective
+    must skip the frozen backbone); families that cannot use cached features ignore it.
     """
 
     images: torch.Tensor
     masks: torch.Tensor
     labels: torch.Tensor
     has_mask: torch.Tensor
+    features: torch.Tensor | None = None
 
 
 class Objective(nn.Module):

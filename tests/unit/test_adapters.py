@@ -26,7 +26,8 @@ def _rows(table) -> dict[str, dict]:
 
 
 def test_registry_and_descriptions():
-    assert set(adapters.ADAPTERS) == {"folder", "sd_saliency_900", "magnetic_tile", "crackforest", "procedural"}
+    assert set(adapters.ADAPTERS) == {"folder", "sd_saliency_900", "magnetic_tile", "crackforest", "procedural",
+                                      "kolektorsdd", "kolektorsdd2", "mvtec_ad", "bsdata", "neu_det"}
     for name, ad in adapters.ADAPTERS.items():
         assert ad.name == name and len(ad.description) > 80
         assert ad.Options.model_config.get("extra") == "forbid"

@@ -412,6 +412,7 @@ def test_image_stats_contract():
         "threshold": 0.5,
         "pred_pixels": 3,
         "pred_nonempty": True,
+        "map_max": 0.8,
     }
     assert image_stats(pred_alarm, None, min_pixels=4)["pred_nonempty"] is False
     assert image_stats(pred_alarm[None], np.zeros((1, 16, 16)))["has_mask"] is True  # (1, H, W) tolerated

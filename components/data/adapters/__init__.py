@@ -259,12 +259,18 @@ def count_by(values: Iterable[Any]) -> dict[Any, int]:
 
 # registration: each layout module registers its adapter on import (they import the helpers above)
 from components.data.adapters import (  # noqa: E402
+    bsdata,
     crackforest,
     folder,
+    kolektorsdd,
+    kolektorsdd2,
     magnetic_tile,
+    mvtec_ad,
+    neu_det,
     procedural,
     sd_saliency_900,
 )
 
-__all__ = ["ADAPTERS", "Adapter", "AdapterOptions", "crackforest", "folder", "get", "ingest", "magnetic_tile",
-           "procedural", "register", "sd_saliency_900"]
+__all__ = ["ADAPTERS", "Adapter", "AdapterOptions", "bsdata", "crackforest", "folder", "get", "ingest",
+           "kolektorsdd", "kolektorsdd2", "magnetic_tile", "mvtec_ad", "neu_det", "procedural", "register",
+           "sd_saliency_900"]
