@@ -4,7 +4,10 @@ detector.json::
 
     {"format": "defectflow-detector", "format_version": 1,
      "family": "gmbinet", "config": {"params": ..., "preprocessing": ..., "postprocessing": ...},
-     "input_size": [H, W], "normalization": {...}, "threshold": 0.5,
+     "input_size": [H, W], "normalization": {...},
+     "threshold": 0.5,          # image decision: is_defect = score >= threshold (chosen on validation)
+     "pixel_threshold": 0.5,    # predicted mask = map >= pixel_threshold
+     "threshold_info": {...},   # how the decision threshold was chosen
      "metrics": {...}, "lineage": {"manifest_digest": ..., "run": ..., "trial_id": ..., "code_version": ...},
      "created": "2026-11-22T01:00:00Z"}
 
@@ -58,7 +61,8 @@ def state_dict_bytes(module: torch.nn.Module) -> bytes:
 
 
 def save(detector: Detector, uri: str, *, threshold: float = 0.5, metrics: dict[str, Any] | None = None,
-         lineage: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> str:
+         lineage: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+         pixel_threshold: float | None = None) -> str:
     """Write an artifact folder. Weights first, detector.json last: a folder with detector.json is complete."""
     uri = storage.normalize(uri)
     cfg = detector.config()
@@ -71,6 +75,7 @@ def save(detector: Detector, uri: str, *, threshold: float = 0.5, metrics: dict[
         "normalization": {"mean": list(detector.preprocessing.mean), "std": list(detector.preprocessing.std),
                           "scale_by_max": detector.preprocessing.scale_by_max},
         "threshold": float(threshold),
+        "pixel_threshold": float(threshold if pixel_threshold is None else pixel_threshold),
         "metrics": metrics or {},
         "lineage": {"code_version": code_version(), **(lineage or {})},
         "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -126,7 +131,7 @@ def load(uri: str, device: str | torch.device = "cpu") -> tuple[Detector, dict[s
 
 
 def update_meta(uri: str, *, metrics: dict[str, Any] | None = None, threshold: float | None = None,
-                lineage: dict[str, Any] | None = None) -> dict[str, Any]:
+                lineage: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Merge evaluation results into an artifact's detector.json (and metrics.json) without touching weights."""
     uri = storage.resolve_model(uri)
     meta = read_meta(uri)
@@ -138,6 +143,8 @@ def update_meta(uri: str, *, metrics: dict[str, Any] | None = None, threshold: f
         meta["threshold"] = float(threshold)
     if lineage:
         meta["lineage"] = {**meta.get("lineage", {}), **lineage}
+    if extra:
+        meta.update(extra)
     storage.write_json(storage.join(uri, META), meta)
     return meta
 

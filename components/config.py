@@ -120,6 +120,17 @@ class AugmentConfig(Strict):
     vflip: bool = True
 
 
+class FeatureSettings(Strict):
+    """How cached features are computed (``defectflow features`` and ``data.features: auto``)."""
+
+    shard_size: int = Field(64, ge=1, description="images per Parquet shard (the unit of resumption)")
+    batch_size: int = Field(8, ge=1, description="images per backbone forward pass")
+    num_actors: int = Field(1, ge=1, description="Ray Data actor pool size")
+    use_gpu: bool | Literal["auto"] = Field("auto", description="one GPU per actor when the cluster has them")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    dtype: Literal["float16", "float32"] = "float16"
+
+
 class DataSettings(Strict):
     manifest: str = Field(..., description="manifest URI written by `defectflow ingest`")
     regime: Literal["unsupervised", "weak", "mixed", "full"] = "full"
@@ -129,6 +140,9 @@ class DataSettings(Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     synthetic: SyntheticMix | None = None
     max_train_samples: int | None = Field(None, ge=1, description="cap the training rows (quick experiments)")
+    features: str | None = Field(None, description="train the trainable part from cached frozen features: "
+                                                   "'auto' (compute missing shards first) or a features URI; "
+                                                   "null = end to end from pixels")
 
     @field_validator("manifest")
     @classmethod
@@ -162,8 +176,17 @@ class OptimSettings(Strict):
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(8, ge=1, description="per worker")
     epochs: int = Field(10, ge=1)
-    lr_schedule: Literal["none", "cosine"] = "none"
+    lr_schedule: Literal["none", "cosine", "multistep"] = "none"
+    milestones: list[float] = Field([0.8, 0.9], description="multistep: fractions of the epochs")
+    gamma: float = Field(0.4, gt=0, le=1, description="multistep: LR factor at each milestone")
     grad_clip: float | None = Field(None, gt=0)
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < m < 1 for m in v) or v != sorted(v):
+            raise ValueError("milestones are increasing fractions of the epochs in (0, 1)")
+        return v
 
 
 class CheckpointSettings(Strict):
@@ -176,7 +199,12 @@ class CheckpointSettings(Strict):
 
 class EvalSettings(Strict):
     split: Literal["train", "val", "test"] = "test"
-    threshold: float = Field(0.5, gt=0, lt=1, description="pixel threshold for masks and decisions")
+    threshold: float = Field(0.5, gt=0, lt=1, description="pixel threshold for predicted masks")
+    decision_threshold: float | Literal["auto"] = Field(
+        "auto", description="image decision threshold on the score: auto = F1-max on the validation split "
+                            "(fallback without defective validation images: the highest normal score)")
+    threshold_margin: float = Field(0.0, ge=0, description="auto fallback only: raise the highest normal "
+                                                           "validation score by this fraction")
     seg_iou_threshold: float = Field(0.5, ge=0, le=1, description="IoU a sample needs to count as detected")
     batch_size: int = Field(8, ge=1)
     sheet_images: int = Field(8, ge=0, description="test images in the prediction sheet PNG")
@@ -186,6 +214,30 @@ class EvalSettings(Strict):
 class OutputSettings(Strict):
     model_name: str | None = Field(None, description="registry name (default: the family)")
     register_model: bool = Field(True, description="copy the artifact into models/<model_name>/<version>")
+
+
+class FeaturesConfig(Strict):
+    """``defectflow features``: compute the frozen features a model family trains from, once, on Ray Data."""
+
+    manifest: str = Field(..., description="manifest URI")
+    model: ModelSettings = Field(default_factory=lambda: ModelSettings(family="supersimplenet"))
+    image_size: tuple[int, int] = Field((256, 256), description="(height, width) the model sees")
+    max_image_pixels: int = Field(64_000_000, ge=1)
+    splits: list[Literal["train", "val", "test"]] = Field(["train", "val", "test"])
+    out: str | None = Field(None, description="default <storage.root>/features/<backbone>/<dataset>/<signature>")
+    features: FeatureSettings = Field(default_factory=FeatureSettings)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("manifest")
+    @classmethod
+    def _manifest(cls, v: str) -> str:
+        return storage.normalize(v)
+
+    @field_validator("out")
+    @classmethod
+    def _out(cls, v: str | None) -> str | None:
+        return _uri(v)
 
 
 class TrainConfig(Strict):
@@ -202,6 +254,8 @@ class TrainConfig(Strict):
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
+    features: FeatureSettings = Field(default_factory=FeatureSettings,
+                                      description="feature-cache settings when data.features is 'auto'")
 
 
 # ---------------------------------------------------------------------------------------------- sweep

@@ -1,6 +1,6 @@
 """The ``defectflow`` command.
 
-    defectflow ingest | train | evaluate | predict | sweep | serve | promote | import-weights | bench | demo
+    defectflow ingest | features | train | evaluate | predict | sweep | serve | promote | import-weights | bench | demo
 
 User errors (bad config, unreadable data, missing weights, unsatisfiable resources) print one clear message and
 exit with status 2; ``-v`` shows debug logs, ``DEFECTFLOW_TRACEBACK=1`` shows tracebacks.
@@ -17,12 +17,9 @@ from typing import Any
 
 from components.errors import DefectflowError
 
-COMMANDS = ("ingest", "train", "evaluate", "predict", "sweep", "serve", "promote", "import-weights", "bench",
-            "demo")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    from workflows import evaluate, ingest, predict, serve, sweep, train
+    from workflows import evaluate, features, ingest, predict, serve, sweep, train
 
     p = argparse.ArgumentParser(prog="defectflow", description="Turn product-surface images into deployed defect "
                                 "detectors on Ray.")
@@ -31,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
 
     ingest.add_arguments(sub.add_parser("ingest", help="dataset folder/S3 prefix -> manifest (Parquet)"))
+    features.add_arguments(sub.add_parser("features", help="cache a model's frozen backbone features (Ray Data)"))
     train.add_arguments(sub.add_parser("train", help="train a detector on Ray Train, evaluate, register"))
     evaluate.add_arguments(sub.add_parser("evaluate", help="metrics of a model on a manifest split (Ray Data)"))
     predict.add_arguments(sub.add_parser("predict", help="defect maps + scores.csv for a folder of images"))
@@ -91,6 +89,13 @@ def dispatch(args: argparse.Namespace) -> tuple[Any, int]:
             return None, 0
         res = ingest.run(ingest.config_from_args(args))
         print(f"manifest: {res.manifest_uri}\nrows: {json.dumps(res.summary)}")
+        return res, 0
+    if cmd == "features":
+        from workflows import features
+
+        res = features.run(features.config_from_args(args))
+        print(f"features: {res.uri}\n{res.shards} shard(s), {res.written} computed now, {res.skipped} reused; "
+              f"{res.rows} image(s) of shape {res.feature_shape} in {res.seconds:.0f} s")
         return res, 0
     if cmd == "train":
         from workflows import train
@@ -187,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and friends
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     if args.json:
         print(json.dumps(_jsonable(result), default=str, indent=2))
     return code

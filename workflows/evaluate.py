@@ -53,7 +53,7 @@ class Scorer:
         storage.configure(**(storage_env or {}))
         self.device = pick_device(use_gpu)
         self.detector, meta = artifact.load(model_uri, device=self.device)
-        self.threshold = float(threshold if threshold is not None else meta.get("threshold", 0.5))
+        self.threshold = float(threshold if threshold is not None else pixel_threshold(meta))
         self.sheet_ids = set(sheet_ids or [])
         self.max_pixels = max_pixels
 
@@ -108,7 +108,7 @@ def evaluate(model_uri: str, table: pa.Table, *, split: str = "test", threshold:
 
     model_uri = storage.resolve_model(model_uri)
     meta = artifact.read_meta(model_uri)
-    thr = float(threshold if threshold is not None else meta.get("threshold", 0.5))
+    thr = float(threshold if threshold is not None else pixel_threshold(meta))
     sub = table.filter(pc.equal(table["split"], split)) if split != "all" else table
     if sub.num_rows == 0:
         raise DataError(f"the manifest has no rows in split {split!r}", f"splits present: "
@@ -125,7 +125,27 @@ def evaluate(model_uri: str, table: pa.Table, *, split: str = "test", threshold:
         num_cpus=1, num_gpus=1 if use_gpu else 0,
     )
     rows = ds.take_all()
-    return _aggregate(rows, thr, seg_iou_threshold, model_uri, split)
+    return _aggregate(rows, thr, seg_iou_threshold, model_uri, split, decision_threshold=meta.get("threshold"))
+
+
+def pixel_threshold(meta: dict[str, Any]) -> float:
+    return float(meta.get("pixel_threshold", meta.get("threshold", 0.5)))
+
+
+def decision_metrics(labels: list[int | None], scores: list[float], threshold: float) -> dict[str, Any]:
+    """Image decisions at the artifact's threshold: accuracy, precision, recall, F1 (labelled images only)."""
+    pairs = [(lab, s) for lab, s in zip(labels, scores, strict=True) if lab is not None]
+    if not pairs:
+        return {}
+    tp = sum(1 for lab, s in pairs if lab == 1 and s >= threshold)
+    fp = sum(1 for lab, s in pairs if lab == 0 and s >= threshold)
+    fn = sum(1 for lab, s in pairs if lab == 1 and s < threshold)
+    tn = len(pairs) - tp - fp - fn
+    prec = tp / (tp + fp) if tp + fp else None
+    rec = tp / (tp + fn) if tp + fn else None
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+    return {"decision_threshold": threshold, "decision_accuracy": (tp + tn) / len(pairs),
+            "decision_precision": prec, "decision_recall": rec, "decision_f1": f1}
 
 
 def _storage_env() -> dict[str, Any]:
@@ -134,13 +154,15 @@ def _storage_env() -> dict[str, Any]:
 
 
 def _aggregate(rows: list[dict[str, Any]], thr: float, seg_iou_threshold: float, model_uri: str,
-               split: str) -> EvalResult:
+               split: str, decision_threshold: float | None = None) -> EvalResult:
     rows = sorted(rows, key=lambda r: r["sample_id"])
     stats = [json.loads(r["stats"]) for r in rows]
     labels = [None if r["label"] is None else int(r["label"]) for r in rows]
     scores = [float(r["score"]) for r in rows]
     metrics = summarize(stats, labels, scores, seg_iou_threshold=seg_iou_threshold)
-    metrics.update({"split": split, "threshold": thr, "seg_iou_threshold": seg_iou_threshold})
+    metrics.update({"split": split, "pixel_threshold": thr, "seg_iou_threshold": seg_iou_threshold})
+    if decision_threshold is not None:
+        metrics.update(decision_metrics(labels, scores, decision_threshold))
     sheet_rows = []
     for r in rows:
         if r.get("thumb"):

@@ -183,6 +183,7 @@ def run(cfg: SweepConfig) -> SweepResult:
     best = pick(done, key=lambda t: t["best"])
     log.info("best trial %s: %s=%.4f with %s", best["trial_id"], cfg.metric, best["best"], best["params"])
     best["artifact"] = _trial_artifact(best, base_json, cfg, trials_uri, select)
+    tr.calibrate(best["artifact"], full, trial_config(base_json, best["params"], "calibrate"), use_gpu)
     result = ev.evaluate(best["artifact"], full, split=base.eval.split, threshold=base.eval.threshold,
                          seg_iou_threshold=base.eval.seg_iou_threshold, batch_size=base.eval.batch_size,
                          num_actors=base.eval.num_actors, use_gpu=use_gpu, sheet_images=base.eval.sheet_images,

@@ -95,10 +95,12 @@ def _prepare_batch(batch: pa.Table, image_size: tuple[int, int], max_pixels: int
     return out
 
 
-def build_datasets(table: pa.Table, cfg: TrainConfig) -> dict[str, Any]:
-    """Ray Datasets of decoded, resized uint8 arrays for the train and val splits."""
+def build_datasets(table: pa.Table, cfg: TrainConfig, features_uri: str | None = None) -> dict[str, Any]:
+    """Ray Datasets for the train and val splits: decoded, resized uint8 images, or cached features."""
     import ray.data
 
+    if features_uri is not None:
+        return build_feature_datasets(table, cfg, features_uri)
     env = _storage_env()
     out = {}
     for split in ("train", "val"):
@@ -124,6 +126,82 @@ def quiet_data_progress() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
+def _targets(batch: pa.Table, lookup_ref: Any, image_size: tuple[int, int], max_pixels: int,
+             storage_env: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Feature-shard rows -> features + the targets the regime lets the trainer see; rows of other splits drop."""
+    import ray
+
+    from components.data.loading import prepare_target
+    from workflows.features import decode
+
+    storage.configure(**storage_env)
+    lookup = ray.get(lookup_ref)
+    feats, masks, labels, has = [], [], [], []
+    for row in batch.to_pylist():
+        rec = lookup.get(row["sample_id"])
+        if rec is None:
+            continue
+        target = prepare_target(rec, image_size, max_pixels=max_pixels)
+        feats.append(decode(row).astype(np.float16))
+        masks.append(target["mask"])
+        labels.append(target["label"])
+        has.append(target["has_mask"])
+    if not feats:
+        return {"features": np.zeros((0, 1, 1, 1), np.float16), "mask": np.zeros((0, 1, *image_size), np.uint8),
+                "label": np.zeros(0, np.float32), "has_mask": np.zeros(0, bool)}
+    return {"features": np.stack(feats), "mask": np.stack(masks), "label": np.array(labels, np.float32),
+            "has_mask": np.array(has, bool)}
+
+
+def build_feature_datasets(table: pa.Table, cfg: TrainConfig, features_uri: str) -> dict[str, Any]:
+    """Cached-feature shards joined with the regime's targets, per split (the join happens in the map tasks)."""
+    import ray
+    import ray.data
+
+    from workflows.features import read_signature
+
+    sig = read_signature(features_uri)
+    fs, _ = storage.arrow_fs(features_uri)
+    files = [storage.strip_scheme(f) for f in storage.walk_files(features_uri, (".parquet",))]
+    if not files:
+        raise DataError(f"no feature shards in {features_uri}", "run `defectflow features` or data.features: auto")
+    c, h, w = sig["feature_shape"]
+    out = {}
+    for split in ("train", "val"):
+        sub = table.filter(pc.equal(table["split"], split))
+        if sub.num_rows == 0:
+            continue
+        cols = ["sample_id", "label", "supervision", "mask_uri", "mask_bytes", "height", "width"]
+        lookup = {r["sample_id"]: r for r in sub.select(cols).to_pylist()}
+        ds = ray.data.read_parquet(files, filesystem=fs).map_batches(
+            _targets, fn_kwargs={"lookup_ref": ray.put(lookup), "image_size": tuple(cfg.data.image_size),
+                                 "max_pixels": cfg.data.max_image_pixels, "storage_env": _storage_env()},
+            batch_size=16, batch_format="pyarrow")
+        if sub.num_rows * (2 * c * h * w + cfg.data.image_size[0] * cfg.data.image_size[1]) < 2 * 1024**3:
+            ds = ds.materialize()
+        out[split] = ds
+    return out
+
+
+def resolve_features(cfg: TrainConfig, layout: storage.Layout) -> str | None:
+    """The features folder to train from: computed now for ``auto``, checked against the model for a URI."""
+    if cfg.data.features is None:
+        return None
+    from workflows import features as feat
+
+    fcfg = feat.from_train_config(cfg)
+    if cfg.data.features == "auto":
+        res = feat.run(fcfg)
+        log.info("features: %d shard(s) (%d computed now) in %s", res.shards, res.written, res.uri)
+        return res.uri
+    want = feat.build_detector(fcfg).feature_signature()
+    have = feat.read_signature(cfg.data.features)
+    if have != want:
+        raise ConfigError(f"{cfg.data.features} holds features for other settings than this model/image size",
+                          "use data.features: auto, or the folder `defectflow features` wrote for this config")
+    return cfg.data.features
+
+
 def _storage_env() -> dict[str, Any]:
     s = storage.settings()
     return {"endpoint_url": s.endpoint_url, "region": s.region}
@@ -143,10 +221,10 @@ def _train_step_module(detector: Any, objective: Any) -> Any:
             self.detector = detector
             self.objective = objective
 
-        def forward(self, images, masks, labels, has_mask):  # type: ignore[no-untyped-def]
+        def forward(self, images, masks, labels, has_mask, features=None):  # type: ignore[no-untyped-def]
             from components.models.base import Batch
 
-            return self.objective(self.detector, Batch(images, masks, labels, has_mask))
+            return self.objective(self.detector, Batch(images, masks, labels, has_mask, features))
 
     return TrainStep()
 
@@ -210,8 +288,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
     device = get_device()
     o = c["optim"]
     opt = _make_optimizer(objective.param_groups(detector, o["lr"], o["weight_decay"]), o)
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=o["epochs"]) if o["lr_schedule"] == "cosine"
-             else None)
+    sched = _make_scheduler(opt, o)
     if optim_state is not None:
         opt.load_state_dict(optim_state["optimizer"])
         if sched is not None and optim_state.get("scheduler"):
@@ -234,7 +311,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
                                                local_shuffle_buffer_size=max(4 * o["batch_size"], 32),
                                                local_shuffle_seed=c["seed"] + epoch * 131 + rank):
             b = to_batch(arrays, device, gen, hflip=aug["hflip"], vflip=aug["vflip"])
-            loss, logs = step(b.images, b.masks, b.labels, b.has_mask)
+            loss, logs = step(b.images, b.masks, b.labels, b.has_mask, b.features)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if o["grad_clip"]:
@@ -281,6 +358,17 @@ def _worker_log() -> logging.Logger:
     return wlog
 
 
+def _make_scheduler(opt: Any, o: dict[str, Any]) -> Any:
+    import torch
+
+    if o["lr_schedule"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=o["epochs"])
+    if o["lr_schedule"] == "multistep":
+        marks = sorted({max(1, round(m * o["epochs"])) for m in o["milestones"]})
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=marks, gamma=o["gamma"])
+    return None
+
+
 def _read_json(path: str) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
@@ -308,11 +396,15 @@ def _validate(step: Any, detector: Any, shard: Any, device: Any, thr: float, bat
     step.eval()
     inner = step.module if hasattr(step, "module") else step
     acc = torch.zeros(8, dtype=torch.float64)  # loss_sum, n_batches, iou_sum, mae_sum, n_masked, tp, fp, fn
+    scored: list[tuple[float, float]] = []  # (label, score) of labelled validation images
     with torch.no_grad():
         for arrays in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
             b = to_batch(arrays, device)
             loss, _ = inner.objective(detector, b)
-            out = detector(b.images)
+            out = (detector(b.images) if b.features is None
+                   else detector.forward_features(b.features, tuple(b.masks.shape[-2:])))
+            scored.extend((float(lab), float(sc)) for lab, sc in zip(b.labels.tolist(), out.score.tolist(),
+                                                                     strict=True) if lab >= 0)
             acc[0] += float(loss)
             acc[1] += 1
             sel = b.has_mask
@@ -332,7 +424,15 @@ def _validate(step: Any, detector: Any, shard: Any, device: Any, thr: float, bat
         acc_dev = acc.to(device)
         dist.all_reduce(acc_dev)
         acc = acc_dev.cpu()
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, scored)
+        scored = [p for part in gathered for p in part]
     out: dict[str, Any] = {}
+    labels = [lab for lab, _ in scored]
+    if 0.0 in labels and 1.0 in labels:
+        from components.metrics.image import roc_auc
+
+        out["val_image_auroc"] = float(roc_auc(labels, [sc for _, sc in scored]))
     if acc[1] > 0:
         out["val_loss"] = float(acc[0] / acc[1])
     if acc[4] > 0:
@@ -347,15 +447,21 @@ def _validate(step: Any, detector: Any, shard: Any, device: Any, thr: float, bat
 
 
 def selection_metric(table: pa.Table, cfg: TrainConfig) -> tuple[str | None, str]:
-    """``checkpoint.metric`` when set; else val_iou_pooled when validation has masks, else val_loss, else none
-    (no validation split: keep the last checkpoint)."""
+    """``checkpoint.metric`` when set; else, for segmenters, val_iou_pooled when validation has masks; for
+    detectors with an image score, val_image_auroc when validation has both labels; else val_loss; with no
+    validation split, none (keep the last checkpoint)."""
     val = table.filter(pc.equal(table["split"], "val"))
     if val.num_rows == 0:
         return None, "max"
     if cfg.checkpoint.metric != "auto":
         return cfg.checkpoint.metric, cfg.checkpoint.mode
-    if int(pc.sum(pc.equal(val["supervision"], "pixel")).as_py() or 0) > 0:
-        return "val_iou_pooled", "max"
+    labels = set(val["label"].to_pylist())
+    has_masks = int(pc.sum(pc.equal(val["supervision"], "pixel")).as_py() or 0) > 0
+    if registry.get(cfg.model.family).needs_masks:
+        if has_masks:
+            return "val_iou_pooled", "max"
+    elif {0, 1} <= labels:
+        return "val_image_auroc", "max"
     return "val_loss", "min"
 
 
@@ -434,6 +540,41 @@ class TrainResult:
     seconds: float = 0.0
 
 
+def calibrate(art_uri: str, full: pa.Table, cfg: TrainConfig, use_gpu: bool) -> dict[str, Any]:
+    """Choose the image decision threshold (``eval.decision_threshold``) and store it in the artifact.
+
+    ``auto``: F1-max of the image scores on the validation split; without defective validation images, the highest
+    normal validation score (raised by ``eval.threshold_margin``) with a warning; without a validation split, the
+    pixel threshold (for map-max scores that is "any pixel above the mask threshold").
+    """
+    from components.metrics.anomaly import choose_threshold
+    from workflows import evaluate as ev
+
+    setting = cfg.eval.decision_threshold
+    if setting != "auto":
+        info = {"rule": "fixed", "warning": None}
+        artifact.update_meta(art_uri, threshold=float(setting), extra={"threshold_info": info})
+        return info
+    val = full.filter(pc.equal(full["split"], "val"))
+    labelled = [v for v in val["label"].to_pylist() if v is not None] if val.num_rows else []
+    if not labelled:
+        info = {"rule": "pixel_threshold", "warning": "no labelled validation images: the decision threshold is "
+                "the pixel threshold"}
+        log.warning(info["warning"])
+        artifact.update_meta(art_uri, threshold=cfg.eval.threshold, extra={"threshold_info": info})
+        return info
+    res = ev.evaluate(art_uri, full, split="val", threshold=cfg.eval.threshold, batch_size=cfg.eval.batch_size,
+                      num_actors=cfg.eval.num_actors, use_gpu=use_gpu, sheet_images=0,
+                      max_pixels=cfg.data.max_image_pixels)
+    thr, info = choose_threshold([r["label"] for r in res.per_image], [r["score"] for r in res.per_image],
+                                 margin=cfg.eval.threshold_margin)
+    if info.get("warning"):
+        log.warning("decision threshold: %s", info["warning"])
+    log.info("decision threshold %.4f (%s on %d validation images)", thr, info["rule"], len(labelled))
+    artifact.update_meta(art_uri, threshold=thr, extra={"threshold_info": info})
+    return info
+
+
 def finalize(cfg: TrainConfig, full: pa.Table, checkpoint: Any, *, layout: storage.Layout, run_uri: str,
              lineage: dict[str, Any], use_gpu: bool, history: list[dict[str, Any]] | None = None,
              evaluate_split: str | None = None, report_name: str | None = None,
@@ -452,7 +593,9 @@ def finalize(cfg: TrainConfig, full: pa.Table, checkpoint: Any, *, layout: stora
     lineage = {"manifest": cfg.data.manifest, "manifest_digest": manifest.digest(full), "run": run_uri,
                "regime": cfg.data.regime, "epochs_trained": len(history), "chosen_epoch": int(state["epoch"]) + 1,
                "train_config": cfg.model_dump(mode="json"), **lineage}
-    artifact.save(detector, art_uri, threshold=cfg.eval.threshold, lineage=lineage)
+    artifact.save(detector, art_uri, threshold=cfg.eval.threshold, pixel_threshold=cfg.eval.threshold,
+                  lineage=lineage)
+    calibrate(art_uri, full, cfg, use_gpu)
     split = evaluate_split or cfg.eval.split
     result = ev.evaluate(art_uri, full, split=split, threshold=cfg.eval.threshold,
                          seg_iou_threshold=cfg.eval.seg_iou_threshold, batch_size=cfg.eval.batch_size,
@@ -493,7 +636,8 @@ def run(cfg: TrainConfig) -> TrainResult:
     counts = manifest.summary(table)
     log.info("run %s: %s on %s (regime %s): %s", cfg.name, cfg.model.family, cfg.data.manifest, cfg.data.regime,
              {k: v for k, v in counts.items() if k != "rows"})
-    datasets = build_datasets(table, cfg)
+    features_uri = resolve_features(cfg, layout)
+    datasets = build_datasets(table, cfg, features_uri)
     quiet_data_progress()
     run_uri = layout.run(cfg.name)
     trainer = build_trainer(cfg, datasets, loop_config(cfg, select), run_name=cfg.name, storage_uri=layout.runs(),

@@ -1,4 +1,4 @@
-"""Manifest rows -> fixed-size training arrays, and tensors -> a training Batch.
+"""Manifest rows -> fixed-size training arrays, and arrays -> a training Batch (pixels or cached features).
 
 Workflows run :func:`prepare_rows` inside Ray Data tasks; images travel as uint8 (3, H, W) to keep the object store
 small, and become float only on the training worker (:func:`to_batch`).
@@ -15,33 +15,32 @@ from components.data import manifest
 from components.data.images import DEFAULT_MAX_PIXELS, resize_image, resize_mask
 
 
-def prepare_row(rec: Mapping[str, Any], image_size: tuple[int, int],
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
-    """One manifest row -> {image uint8 (3,H,W), mask uint8 (1,H,W), label float32, has_mask bool, sample_id}.
+def prepare_target(rec: Mapping[str, Any], image_size: tuple[int, int], shape: tuple[int, int] | None = None,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+    """What a trainer may see of a row, at ``image_size``: {mask uint8 (1,H,W), label float32, has_mask bool}.
 
     ``label`` is -1 when unknown or hidden by the regime; ``has_mask`` is False when the mask is unknown or hidden
-    (the mask is then all zeros and must not feed a pixel loss).
+    (the mask is then all zeros and must not feed a pixel loss). ``shape`` is the original (H, W) when known.
     """
-    img = manifest.load_image(rec, max_pixels=max_pixels)
-    h0, w0 = img.shape[:2]
     supervision = rec.get("supervision")
-    mask = manifest.load_mask(rec, shape=(h0, w0), max_pixels=max_pixels) if supervision == "pixel" else None
-    img = resize_image(img, image_size)
-    if mask is None:
-        mask_arr = np.zeros(image_size, dtype=np.uint8)
-        has_mask = False
-    else:
-        mask_arr = resize_mask(mask, image_size)
-        has_mask = True
+    shape = shape or (int(rec["height"]), int(rec["width"]))
+    mask = manifest.load_mask(rec, shape=shape, max_pixels=max_pixels) if supervision == "pixel" else None
     label = rec.get("label")
-    label_f = -1.0 if supervision == "none" or label is None else float(label)
     return {
-        "sample_id": rec["sample_id"],
-        "image": (np.clip(img, 0, 1) * 255.0 + 0.5).astype(np.uint8).transpose(2, 0, 1),
-        "mask": mask_arr[None].astype(np.uint8),
-        "label": np.float32(label_f),
-        "has_mask": bool(has_mask),
+        "mask": (np.zeros(image_size, np.uint8) if mask is None else resize_mask(mask, image_size))[None],
+        "label": np.float32(-1.0 if supervision == "none" or label is None else float(label)),
+        "has_mask": mask is not None,
     }
+
+
+def prepare_row(rec: Mapping[str, Any], image_size: tuple[int, int],
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+    """One manifest row -> {image uint8 (3,H,W), mask uint8 (1,H,W), label float32, has_mask bool, sample_id}."""
+    img = manifest.load_image(rec, max_pixels=max_pixels)
+    target = prepare_target(rec, image_size, shape=img.shape[:2], max_pixels=max_pixels)
+    img = resize_image(img, image_size)
+    return {"sample_id": rec["sample_id"],
+            "image": (np.clip(img, 0, 1) * 255.0 + 0.5).astype(np.uint8).transpose(2, 0, 1), **target}
 
 
 def prepare_rows(rows: Sequence[Mapping[str, Any]], image_size: tuple[int, int],
@@ -70,18 +69,26 @@ def to_batch(arrays: Mapping[str, Any], device: Any = "cpu", generator: Any = No
     def t(x: Any) -> torch.Tensor:
         return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
 
-    images = t(arrays["image"]).to(device).float() / 255.0
     masks = t(arrays["mask"]).to(device).float()
     labels = t(arrays["label"]).to(device).float()
     has_mask = t(arrays["has_mask"]).to(device).bool()
+    features = t(arrays["features"]).to(device).float() if "features" in arrays else None
+    if "image" in arrays:
+        images = t(arrays["image"]).to(device).float() / 255.0
+    else:  # training from cached features: no pixels travel
+        images = torch.zeros((masks.shape[0], 0, *masks.shape[-2:]), device=device)
     if hflip or vflip:
-        b = images.shape[0]
+        # flipping cached features approximates flipping the image (convolutions are not flip-equivariant)
+        b = masks.shape[0]
         for flag, dim in ((hflip, 3), (vflip, 2)):
             if not flag:
                 continue
             sel = torch.rand(b, generator=generator) < 0.5
             if sel.any():
                 idx = sel.nonzero().flatten().to(device)
-                images[idx] = images[idx].flip(dim)
                 masks[idx] = masks[idx].flip(dim)
-    return Batch(images=images, masks=masks, labels=labels, has_mask=has_mask)
+                if images.shape[1]:
+                    images[idx] = images[idx].flip(dim)
+                if features is not None:
+                    features[idx] = features[idx].flip(dim)
+    return Batch(images=images, masks=masks, labels=labels, has_mask=has_mask, features=features)

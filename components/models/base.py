@@ -112,6 +112,36 @@ class Detector(nn.Module):
         prob = prob.clamp(0.0, 1.0)
         return DetectorOutput(score=self.image_score(prob, x), anomaly_map=prob)
 
+    # -- feature cache (families with a frozen extractor) -----------------------------------------------------------
+
+    #: True when ``extract`` is a frozen function of the preprocessed image, so its output can be computed once and
+    #: cached (``defectflow features``) and the trainable part trained from the cache.
+    supports_feature_cache: ClassVar[bool] = False
+
+    def extract(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed input -> the frozen features the trainable part consumes."""
+        raise NotImplementedError(f"{self.family} has no frozen feature extractor")
+
+    def feature_shape(self, input_size: tuple[int, int] | None = None) -> tuple[int, int, int]:
+        raise NotImplementedError(f"{self.family} has no frozen feature extractor")
+
+    def extractor_config(self) -> dict[str, Any]:
+        """What determines ``extract`` (e.g. backbone name, layers, weights): part of the cache signature."""
+        raise NotImplementedError(f"{self.family} has no frozen feature extractor")
+
+    def forward_features(self, features: torch.Tensor, out_size: tuple[int, int]) -> DetectorOutput:
+        """``forward`` from cached features (the output of ``extract``) at an output size: validation during
+        training from a feature cache. Must equal ``forward`` on the images the features came from."""
+        raise NotImplementedError(f"{self.family} has no frozen feature extractor")
+
+    def feature_signature(self) -> dict[str, Any]:
+        """Everything cached features depend on; a cache is only reused when its signature is identical."""
+        pre = self.preprocessing
+        return {"family": self.family, "extractor": self.extractor_config(),
+                "input_size": list(pre.input_size), "mean": list(pre.mean), "std": list(pre.std),
+                "scale_by_max": pre.scale_by_max, "grayscale": pre.grayscale,
+                "feature_shape": list(self.feature_shape(pre.input_size))}
+
     # -- serialisation ------------------------------------------------------------------------------------------
 
     def config(self) -> dict[str, Any]:

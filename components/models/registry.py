@@ -39,7 +39,8 @@ def register(family: Family) -> Family:
 
 def _load_builtin() -> None:
     # importing the packages registers them
-    import components.models.gmbinet  # noqa: F401
+    import components.models.gmbinet
+    import components.models.supersimplenet  # noqa: F401
 
 
 def families() -> dict[str, Family]:

@@ -20,8 +20,8 @@ def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def test_help_lists_every_command():
     r = cli("--help")
     assert r.returncode == 0
-    for cmd in ("ingest", "train", "evaluate", "predict", "sweep", "serve", "promote", "import-weights", "bench",
-                "demo"):
+    for cmd in ("ingest", "features", "train", "evaluate", "predict", "sweep", "serve", "promote", "import-weights",
+                "bench", "demo"):
         assert cmd in r.stdout
 
 

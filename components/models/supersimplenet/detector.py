@@ -107,9 +107,12 @@ class SuperSimpleNetDetector(Detector):
     # -- features and heads -------------------------------------------------------------------------------------
 
     def extract(self, x: torch.Tensor) -> torch.Tensor:
-        """Preprocessed input -> aggregated backbone features (B, C, h, w); never part of the autograd graph."""
-        with torch.no_grad():
-            return self.aggregator(list(self.backbone(x)))
+        """Preprocessed input -> aggregated backbone features (B, C, h, w).
+
+        No ``no_grad`` here on purpose: the backbone's parameters are frozen, so no graph is recorded unless the input
+        itself requires grad, which is exactly the case of saliency methods that need input gradients.
+        """
+        return self.aggregator(list(self.backbone(x)))
 
     def head_forward(self, features: torch.Tensor, stop_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         return self.heads(features, stop_grad=stop_grad)
@@ -165,10 +168,22 @@ class SuperSimpleNetDetector(Detector):
 
     def forward(self, images: torch.Tensor) -> DetectorOutput:
         h, w = images.shape[-2:]
-        seg, cls = self.head_forward(self.extract(self.preprocess(images)))
-        prob = self.postprocess(seg, (int(h), int(w)))
+        return self.forward_features(self.extract(self.preprocess(images)), (int(h), int(w)))
+
+    def forward_features(self, features: torch.Tensor, out_size: tuple[int, int]) -> DetectorOutput:
+        seg, cls = self.head_forward(features)
+        prob = self.postprocess(seg, (int(out_size[0]), int(out_size[1])))
         score = prob.flatten(1).amax(dim=1) if self.params.score == "seg_max" else torch.sigmoid(cls)
         return DetectorOutput(score=score, anomaly_map=prob)
+
+    # -- feature cache ------------------------------------------------------------------------------------------
+
+    supports_feature_cache = True
+
+    def extractor_config(self) -> dict[str, Any]:
+        """The backbone (name, resolved layers, weight source) and the aggregation: what ``extract`` computes."""
+        spec = self.backbone.spec.model_dump(mode="json")
+        return {**spec, "aggregator": {"patch_size": self.aggregator.patch_size, "upscale": self.aggregator.upscale}}
 
     # -- serialisation ------------------------------------------------------------------------------------------
 

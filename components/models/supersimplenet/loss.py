@@ -183,7 +183,8 @@ class SuperSimpleNetObjective(Objective):
         if batch.features is not None:
             feats = batch.features.to(dtype)
         else:
-            feats = detector.extract(detector.preprocess(batch.images))
+            with torch.no_grad():
+                feats = detector.extract(detector.preprocess(batch.images))
         size = (int(feats.shape[-2]), int(feats.shape[-1]))
         switches = self.resolve(batch)
 

@@ -42,6 +42,7 @@ class FeatureAggregator(nn.Module):
         if upscale < 1:
             raise ValueError(f"upscale must be >= 1, got {upscale}")
         self.upscale = upscale
+        self.patch_size = patch_size
         self.pool = nn.AvgPool2d(kernel_size=patch_size, stride=1, padding=patch_size // 2)
 
     def output_size(self, first_layer_size: Sequence[int]) -> tuple[int, int]:
