@@ -30,6 +30,8 @@ def train_config(root: str, manifest_uri: str, name: str = "t", **overrides: Any
         "eval": {"sheet_images": 4, "batch_size": 8},
         "ray": {"progress_bars": False},
     }
+    if "model" in overrides:  # another family: its params replace GMBINet's
+        base.pop("model")
     return validate(TrainConfig, deep_merge(base, overrides), "test train config")
 
 

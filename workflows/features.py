@@ -38,6 +38,7 @@ from components.models import registry
 log = logging.getLogger("defectflow.features")
 
 SIGNATURE = "_signature.json"
+INDEX = "_index.json"  # the shards of the latest complete run: readers use these and nothing else
 
 
 def build_detector(cfg: FeaturesConfig) -> Any:
@@ -175,6 +176,10 @@ def run(cfg: FeaturesConfig) -> FeaturesResult:
         for n_done, row in enumerate(ds.iter_rows(), start=1):
             log.info("shard %s: %d image(s) in %.1f s (%d/%d)", row["shard"], row["rows"], row["seconds"], n_done,
                      len(todo))
+    # written last: a reader never sees a plan whose shards are not all there (other shard sizes or manifests may
+    # have left other shards in the folder; they are ignored)
+    storage.write_json(storage.join(out, INDEX), {"shards": [n for n, _ in plan], "rows": table.num_rows,
+                                                  "manifest": cfg.manifest})
     return FeaturesResult(uri=out, shards=len(plan), written=len(todo), skipped=len(plan) - len(todo),
                           rows=table.num_rows, feature_shape=list(sig["feature_shape"]), signature=sig,
                           seconds=round(time.time() - t0, 1))
@@ -194,6 +199,15 @@ def read_signature(uri: str) -> dict[str, Any]:
         raise DataError(f"{uri} is not a features folder (no {SIGNATURE})",
                         "run `defectflow features` first, or set data.features: auto")
     return storage.read_json(sig_uri)
+
+
+def shard_files(uri: str) -> list[str]:
+    """URIs of the shards of the latest complete ``features`` run in a folder."""
+    index_uri = storage.join(uri, INDEX)
+    if not storage.exists(index_uri):
+        raise DataError(f"{uri} holds no complete feature set (no {INDEX})",
+                        "run `defectflow features` to completion, or set data.features: auto")
+    return [storage.join(uri, n) for n in storage.read_json(index_uri)["shards"]]
 
 
 def decode(row: dict[str, Any]) -> np.ndarray:

@@ -158,13 +158,11 @@ def build_feature_datasets(table: pa.Table, cfg: TrainConfig, features_uri: str)
     import ray
     import ray.data
 
-    from workflows.features import read_signature
+    from workflows.features import read_signature, shard_files
 
     sig = read_signature(features_uri)
     fs, _ = storage.arrow_fs(features_uri)
-    files = [storage.strip_scheme(f) for f in storage.walk_files(features_uri, (".parquet",))]
-    if not files:
-        raise DataError(f"no feature shards in {features_uri}", "run `defectflow features` or data.features: auto")
+    files = [storage.strip_scheme(f) for f in shard_files(features_uri)]
     c, h, w = sig["feature_shape"]
     out = {}
     for split in ("train", "val"):

@@ -137,8 +137,9 @@ class AnomalyGenerator:
 
     def __call__(self, adapted: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, has_mask: torch.Tensor,
                  features: torch.Tensor | None = None, *, overlap: bool | None = None,
-                 generator: torch.Generator | None = None) -> SyntheticBatch:
-        """``masks`` are real GT masks at feature resolution (B,1,h,w) {0,1}; ``labels`` (B,) with -1 unknown."""
+                 generator: torch.Generator | None = None, noise_std: float | None = None) -> SyntheticBatch:
+        """``masks`` are real GT masks at feature resolution (B,1,h,w) {0,1}; ``labels`` (B,) with -1 unknown.
+        ``noise_std`` overrides the constructor's value for this call (relative noise scaling)."""
         b, _, h, w = adapted.shape
         if tuple(masks.shape) != (b, 1, h, w):
             raise ValueError(f"masks must be (B,1,h,w) = {(b, 1, h, w)} at feature resolution, got "
@@ -159,7 +160,7 @@ class AnomalyGenerator:
         if not overlap:
             noise_mask = noise_mask * (1.0 - gt)
         noise = torch.randn(adapted.shape, generator=generator, device=gdev).to(dev, adapted.dtype)
-        noise = noise * (self.noise_std * noise_mask)
+        noise = noise * ((self.noise_std if noise_std is None else noise_std) * noise_mask)
 
         new_masks = ((gt + noise_mask) > 0).to(adapted.dtype)
         noised = noise_mask.flatten(1).amax(dim=1) > 0

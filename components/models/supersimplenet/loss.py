@@ -45,8 +45,12 @@ class SuperSimpleNetLossParams(BaseModel):
 
     perlin_threshold: float = Field(0.2, ge=0, lt=1, description="Perlin binarisation threshold (0.2 MVTec, 0.6 "
                                                                    "VisA and the authors' supervised runs)")
-    noise_std: float = Field(0.015, ge=0, description="std of the feature noise (tuned for wide_resnet50_2 V1 "
-                                                       "features; retune for other backbones)")
+    noise_std: float = Field(0.5, ge=0, description="std of the feature noise: a fraction of the backbone "
+                                                     "features' std when noise_relative, else absolute (the "
+                                                     "paper: 0.015 absolute for wide_resnet50_2 V1 features)")
+    noise_relative: bool = Field(True, description="scale noise_std by the batch's backbone-feature std, so one "
+                                                   "value fits every backbone (efficientnet_lite0 features have "
+                                                   "std ~5.7; 0.015 absolute would be invisible)")
     empty_prob: float = Field(0.5, ge=0, le=1, description="share of copies that get no synthetic anomaly")
     overlap: bool | Literal["auto"] = Field("auto", description="allow noise on real defect pixels; auto: only "
                                                                  "when no row in the batch has a mask")
@@ -197,9 +201,10 @@ class SuperSimpleNetObjective(Objective):
             labels = torch.where(labels < 0, torch.zeros_like(labels), labels)
         seg_ok = has_mask | (labels == 0)
 
+        noise_std = p.noise_std * float(feats.detach().std()) if p.noise_relative else p.noise_std
         syn = self.generator(heads.adapt(feats), gt, labels, has_mask,
                              features=None if heads.adapt_cls_features else feats,
-                             overlap=switches["overlap"], generator=generator)
+                             overlap=switches["overlap"], generator=generator, noise_std=noise_std)
         cls_in = syn.adapted if heads.adapt_cls_features else syn.features
         seg, cls = heads.segment_classify(syn.adapted, cls_in, stop_grad=switches["stop_grad"])
 
