@@ -60,7 +60,7 @@ def fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, bool):
         return str(v)
     if isinstance(v, float):
-        return f"{v:.{digits}f}"
+        return f"{v:.{digits}g}" if abs(v) < 10**digits else f"{v:.0f}"
     return str(v)
 
 

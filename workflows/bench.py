@@ -1,6 +1,7 @@
 """bench: size and speed of a model, written down as JSON + Markdown (never asserted in tests).
 
     defectflow bench gmbinet [--size 512] [--n 1 --n 2 --n 4 --n 8] [--out ./defectflow-data/reports/bench]
+    defectflow bench supersimplenet [--size 256]
 
 GMBINet: parameters, FLOPs (torch.utils.flop_counter: convolutions and matmuls) and MACs, CPU images/s at batch 1
 for the whole Detector graph (pre/post-processing included) in eager PyTorch and in ONNX Runtime. The paper reports
@@ -36,8 +37,8 @@ def bench_gmbinet(size: int = 512, ns: list[int] | None = None, iters: int = 30,
                   onnx: bool = True) -> dict[str, Any]:
     import torch
 
+    from components import profiling as profile
     from components.models import registry
-    from components.models.gmbinet import profile
 
     if threads:
         torch.set_num_threads(threads)
@@ -66,12 +67,98 @@ def bench_gmbinet(size: int = 512, ns: list[int] | None = None, iters: int = 30,
                      "normalisation, no I/O."}
 
 
+PAPER_SSN = {"gpu_latency_ms": 9.3, "gpu_throughput": 268, "gflops": 56.3, "input": 256,
+             "hardware": "Tesla V100S, FP16, wide_resnet50_2"}
+
+
+def _timed_epoch(det: Any, objective: Any, arrays: dict[str, Any], use_features: bool, batch_size: int) -> float:
+    """Seconds for one pass of training steps over ``arrays`` (no Ray: the compute a Train worker does)."""
+    import torch
+
+    from components.data.loading import to_batch
+
+    opt = torch.optim.AdamW(objective.param_groups(det, 2e-4, 0.0), lr=2e-4)
+    det.train()
+    n = len(arrays["label"])
+    t0 = time.perf_counter()
+    for i in range(0, n, batch_size):
+        part = {k: v[i:i + batch_size] for k, v in arrays.items() if k != "sample_id"}
+        if not use_features:
+            part.pop("features", None)
+        else:
+            part.pop("image", None)
+        loss, _ = objective(det, to_batch(part))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def bench_supersimplenet(size: int = 256, iters: int = 20, threads: int | None = None, onnx: bool = True,
+                         epoch_images: int = 32) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from components import profiling as profile
+    from components.data import adapters
+    from components.data.loading import prepare_rows
+    from components.models import registry
+
+    if threads:
+        torch.set_num_threads(threads)
+    rows = []
+    table = adapters.ingest("procedural", None, options={"count": epoch_images, "size": size, "seed": 0,
+                                                         "defect_fraction": 0.5})
+    arrays = prepare_rows(table.to_pylist(), (size, size))
+    for label, heads in (("paper heads (1024/128)", {}), ("CPU config heads (256/64)",
+                                                           {"seg_hidden": 256, "cls_hidden": 64})):
+        det = registry.create_detector("supersimplenet", {"backbone": {"name": "efficientnet_lite0",
+                                                                       "weights": "offline"}, **heads},
+                                       {"input_size": (size, size)}).eval()
+        counts = det.parameter_counts()
+        fl = profile.count_flops(det, (1, 3, size, size))
+        log.info("SuperSimpleNet %s: %d trainable parameters; timing", label, counts["trainable"])
+        eager = profile.cpu_throughput(det, (1, 3, size, size), warmup=3, iters=iters, threads=threads)
+        row: dict[str, Any] = {"variant": label, "trainable_params": counts["trainable"],
+                               "backbone_params": counts["backbone"], "gflops": round(fl["flops"] / 1e9, 3),
+                               "eager_ms": round(1000.0 / eager, 1), "eager_fps": round(eager, 2)}
+        if onnx:
+            with tempfile.TemporaryDirectory() as d:
+                path = profile.onnx_export(det, os.path.join(d, "ssn.onnx"), (size, size))
+                ort = profile.onnx_throughput(path, warmup=3, iters=iters, threads=threads)
+            row.update({"onnx_ms": round(1000.0 / ort, 1), "onnx_fps": round(ort, 2)})
+        objective = registry.create_objective("supersimplenet", {})
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            x = torch.from_numpy(arrays["image"]).float() / 255.0
+            feats = np.concatenate([det.extract(det.preprocess(x[i:i + 8])).numpy() for i in range(0, len(x), 8)])
+        extract_s = time.perf_counter() - t0
+        data = {**arrays, "features": feats}
+        cached = _timed_epoch(det, objective, data, True, 8)
+        pixels = _timed_epoch(det, objective, data, False, 8)
+        row.update({"feature_extraction_img_s": round(epoch_images / extract_s, 2),
+                    "epoch_from_features_s": round(cached, 2), "epoch_from_pixels_s": round(pixels, 2),
+                    "epoch_speedup": round(pixels / cached, 2)})
+        rows.append(row)
+    return {"target": "supersimplenet", "input": [1, 3, size, size], "iters": iters, "machine": machine(),
+            "epoch_images": epoch_images, "results": rows, "paper_ssn": PAPER_SSN,
+            "notes": "Backbone efficientnet_lite0 with its offline ImageNet weights (the paper: wide_resnet50_2 on a "
+                     "GPU). Latency: batch 1, whole Detector graph (resize, normalise, backbone, heads, upsample, "
+                     "blur sigma 4), no I/O. Epochs: training steps (batch 8) over the same procedural images, "
+                     "from cached features vs end to end from pixels, in-process (the work of one Train worker)."}
+
+
 def to_markdown(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [f"# Benchmark: {res['target']}", "",
              f"Machine: {m['processor']}, {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
              f"Python {m['python']}. Input {tuple(res['input'])}, {res['iters']} timed iterations.", "",
              report.markdown_table(res["results"]), ""]
+    p = res.get("paper_ssn")
+    if p:
+        lines += [f"Paper (SuperSimpleNet, JIMS/ICPR code): {p['gpu_latency_ms']} ms batch-1 latency, "
+                  f"~{p['gpu_throughput']} img/s at batch 16, {p['gflops']} GFLOPs at {p['input']}x{p['input']} on "
+                  f"{p['hardware']}; no CPU figure is published.", ""]
     p = res.get("paper")
     if p:
         lines += [f"Paper (GMBINet, arXiv 2508.16397): {p['params_m']} M parameters, {p['gflops']} GFLOPs, "
@@ -83,7 +170,12 @@ def to_markdown(res: dict[str, Any]) -> str:
 
 def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
-    res = bench_gmbinet(size=args.size, ns=args.n, iters=args.iters, threads=args.threads, onnx=not args.no_onnx)
+    if args.target == "supersimplenet":
+        res = bench_supersimplenet(size=args.size or 256, iters=args.iters, threads=args.threads,
+                                   onnx=not args.no_onnx)
+    else:
+        res = bench_gmbinet(size=args.size or 512, ns=args.n, iters=args.iters, threads=args.threads,
+                            onnx=not args.no_onnx)
     res["seconds"] = round(time.time() - t0, 1)
     out = storage.normalize(args.out)
     storage.write_json(storage.join(out, f"{res['target']}.json"), res)

@@ -49,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     iw.add_argument("--s3-endpoint-url", default=None)
 
     b = sub.add_parser("bench", help="measure a model's size and speed; writes JSON + Markdown")
-    b.add_argument("target", choices=["gmbinet"], help="what to benchmark")
+    b.add_argument("target", choices=["gmbinet", "supersimplenet"], help="what to benchmark")
     b.add_argument("--out", default="./defectflow-data/reports/bench", help="output folder or URI")
-    b.add_argument("--size", type=int, default=512, help="input side length (default 512, as the paper)")
+    b.add_argument("--size", type=int, default=None,
+                   help="input side length (default: the paper's, 512 for GMBINet, 256 for SuperSimpleNet)")
     b.add_argument("--iters", type=int, default=30, help="timed iterations per measurement")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     b.add_argument("--n", type=int, action="append", help="GMBINet scale dimension(s) to measure (default 4)")

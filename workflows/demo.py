@@ -159,7 +159,7 @@ def _summary(res: DemoResult, tr: Any, sw: Any) -> str:
     from components.report import markdown_table
 
     lines = ["", "=" * 80, f"defectflow demo finished in {res.seconds:.0f} s", "",
-             markdown_table(res.steps, ["step", "seconds", "result"], digits=1),
+             markdown_table(res.steps, ["step", "seconds", "result"]),
              "Where to look:",
              f"  training report     {tr.report_uri}/report.md",
              f"  prediction sheet    {tr.sheet_uri}",

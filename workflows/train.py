@@ -142,12 +142,12 @@ def _targets(batch: pa.Table, lookup_ref: Any, image_size: tuple[int, int], max_
         if rec is None:
             continue
         target = prepare_target(rec, image_size, max_pixels=max_pixels)
-        feats.append(decode(row).astype(np.float16))
+        feats.append(decode(row))  # float32: Ray's tensor columns have no float16 (it would pickle them)
         masks.append(target["mask"])
         labels.append(target["label"])
         has.append(target["has_mask"])
     if not feats:
-        return {"features": np.zeros((0, 1, 1, 1), np.float16), "mask": np.zeros((0, 1, *image_size), np.uint8),
+        return {"features": np.zeros((0, 1, 1, 1), np.float32), "mask": np.zeros((0, 1, *image_size), np.uint8),
                 "label": np.zeros(0, np.float32), "has_mask": np.zeros(0, bool)}
     return {"features": np.stack(feats), "mask": np.stack(masks), "label": np.array(labels, np.float32),
             "has_mask": np.array(has, bool)}
@@ -175,7 +175,7 @@ def build_feature_datasets(table: pa.Table, cfg: TrainConfig, features_uri: str)
             _targets, fn_kwargs={"lookup_ref": ray.put(lookup), "image_size": tuple(cfg.data.image_size),
                                  "max_pixels": cfg.data.max_image_pixels, "storage_env": _storage_env()},
             batch_size=16, batch_format="pyarrow")
-        if sub.num_rows * (2 * c * h * w + cfg.data.image_size[0] * cfg.data.image_size[1]) < 2 * 1024**3:
+        if sub.num_rows * (4 * c * h * w + cfg.data.image_size[0] * cfg.data.image_size[1]) < 2 * 1024**3:
             ds = ds.materialize()
         out[split] = ds
     return out

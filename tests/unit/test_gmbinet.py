@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from components import artifact
+from components import profiling as gm_profile
 from components.errors import ConfigError
 from components.models import registry
 from components.models.base import Batch, Preprocessing
@@ -16,7 +17,6 @@ from components.models.gmbinet import (
     GMBINetObjective,
     GMBINetParams,
 )
-from components.models.gmbinet import profile as gm_profile
 from components.models.gmbinet.loss import soft_dice_loss, ssim_loss
 from components.models.gmbinet.model import GMBIModule
 
