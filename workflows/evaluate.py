@@ -176,6 +176,41 @@ def _aggregate(rows: list[dict[str, Any]], thr: float, seg_iou_threshold: float,
     return EvalResult(metrics=metrics, per_image=per_image, sheet_png=sheet)
 
 
+def calibrate(model_uri: str, table: pa.Table, setting: float | str = "auto", *, pixel_threshold: float = 0.5,
+              margin: float = 0.0, split: str = "val", batch_size: int = 8, num_actors: int = 1,
+              use_gpu: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+    """Choose an artifact's image decision threshold and store it (with how it was chosen) in detector.json.
+
+    ``auto``: the F1-max threshold of the image scores on ``split``; without defective images there, the highest
+    normal score raised by ``margin`` (anomalib's fallback; logged as a warning); without labelled images, the
+    pixel threshold (for map-max scores that is "any pixel above the mask threshold"). A number is stored as is.
+    """
+    from components.metrics.anomaly import choose_threshold
+
+    if setting != "auto":
+        info: dict[str, Any] = {"rule": "fixed", "warning": None}
+        artifact.update_meta(model_uri, threshold=float(setting), extra={"threshold_info": info})
+        return info
+    sub = table.filter(pc.equal(table["split"], split))
+    labelled = [v for v in sub["label"].to_pylist() if v is not None] if sub.num_rows else []
+    if not labelled:
+        info = {"rule": "pixel_threshold", "warning": f"no labelled {split} images: the decision threshold is the "
+                                                      "pixel threshold"}
+        log.warning(info["warning"])
+        artifact.update_meta(model_uri, threshold=pixel_threshold, extra={"threshold_info": info})
+        return info
+    res = evaluate(model_uri, table, split=split, threshold=pixel_threshold, batch_size=batch_size,
+                   num_actors=num_actors, use_gpu=use_gpu, sheet_images=0, max_pixels=max_pixels)
+    thr, info = choose_threshold([r["label"] for r in res.per_image], [r["score"] for r in res.per_image],
+                                 margin=margin)
+    if info.get("warning"):
+        log.warning("decision threshold: %s", info["warning"])
+    info["split"] = split
+    log.info("decision threshold %.4f (%s on %d %s images)", thr, info["rule"], len(labelled), split)
+    artifact.update_meta(model_uri, threshold=thr, extra={"threshold_info": info})
+    return info
+
+
 def write_report(result: EvalResult, out_uri: str, title: str = "Evaluation") -> str:
     """metrics.json, per_image.csv, sheet.png and a short Markdown summary below ``out_uri``."""
     storage.write_json(storage.join(out_uri, "metrics.json"), result.metrics)
@@ -203,7 +238,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, help="manifest URI")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     p.add_argument("--out", help="report folder (default <storage.root>/reports/eval-<model name>-<split>)")
-    p.add_argument("--threshold", type=float, help="pixel/decision threshold (default: the artifact's)")
+    p.add_argument("--threshold", type=float, help="pixel threshold of predicted masks (default: the artifact's)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="first choose the decision threshold on the manifest's val split (F1-max, documented "
+                        "fallback) and store it in the artifact")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="eval.*, storage.* or ray.* keys, e.g. --set eval.num_actors=2")
 
@@ -222,6 +260,9 @@ def run_cli(args: argparse.Namespace) -> EvalResult:
     init_ray(cfg.ray, cfg.storage)
     table = manifest.read(args.manifest)
     model_uri = storage.resolve_model(args.model)
+    if args.calibrate:
+        calibrate(model_uri, table, "auto", pixel_threshold=pixel_threshold(artifact.read_meta(model_uri)),
+                  margin=cfg.eval.threshold_margin, batch_size=cfg.eval.batch_size, num_actors=cfg.eval.num_actors)
     result = evaluate(model_uri, table, split=args.split, threshold=args.threshold,
                       seg_iou_threshold=cfg.eval.seg_iou_threshold, batch_size=cfg.eval.batch_size,
                       num_actors=cfg.eval.num_actors, sheet_images=cfg.eval.sheet_images)

@@ -539,38 +539,12 @@ class TrainResult:
 
 
 def calibrate(art_uri: str, full: pa.Table, cfg: TrainConfig, use_gpu: bool) -> dict[str, Any]:
-    """Choose the image decision threshold (``eval.decision_threshold``) and store it in the artifact.
-
-    ``auto``: F1-max of the image scores on the validation split; without defective validation images, the highest
-    normal validation score (raised by ``eval.threshold_margin``) with a warning; without a validation split, the
-    pixel threshold (for map-max scores that is "any pixel above the mask threshold").
-    """
-    from components.metrics.anomaly import choose_threshold
+    """Choose the image decision threshold (``eval.decision_threshold``) and store it in the artifact."""
     from workflows import evaluate as ev
 
-    setting = cfg.eval.decision_threshold
-    if setting != "auto":
-        info = {"rule": "fixed", "warning": None}
-        artifact.update_meta(art_uri, threshold=float(setting), extra={"threshold_info": info})
-        return info
-    val = full.filter(pc.equal(full["split"], "val"))
-    labelled = [v for v in val["label"].to_pylist() if v is not None] if val.num_rows else []
-    if not labelled:
-        info = {"rule": "pixel_threshold", "warning": "no labelled validation images: the decision threshold is "
-                "the pixel threshold"}
-        log.warning(info["warning"])
-        artifact.update_meta(art_uri, threshold=cfg.eval.threshold, extra={"threshold_info": info})
-        return info
-    res = ev.evaluate(art_uri, full, split="val", threshold=cfg.eval.threshold, batch_size=cfg.eval.batch_size,
-                      num_actors=cfg.eval.num_actors, use_gpu=use_gpu, sheet_images=0,
-                      max_pixels=cfg.data.max_image_pixels)
-    thr, info = choose_threshold([r["label"] for r in res.per_image], [r["score"] for r in res.per_image],
-                                 margin=cfg.eval.threshold_margin)
-    if info.get("warning"):
-        log.warning("decision threshold: %s", info["warning"])
-    log.info("decision threshold %.4f (%s on %d validation images)", thr, info["rule"], len(labelled))
-    artifact.update_meta(art_uri, threshold=thr, extra={"threshold_info": info})
-    return info
+    return ev.calibrate(art_uri, full, cfg.eval.decision_threshold, pixel_threshold=cfg.eval.threshold,
+                        margin=cfg.eval.threshold_margin, batch_size=cfg.eval.batch_size,
+                        num_actors=cfg.eval.num_actors, use_gpu=use_gpu, max_pixels=cfg.data.max_image_pixels)
 
 
 def finalize(cfg: TrainConfig, full: pa.Table, checkpoint: Any, *, layout: storage.Layout, run_uri: str,

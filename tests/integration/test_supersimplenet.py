@@ -116,3 +116,22 @@ def test_artifact_through_predict_and_serve(ray_session, data, tmp_path):
         assert Image.open(io.BytesIO(base64.b64decode(body["defect_map_png"]))).size == (128, 128)
     finally:
         serve.stop()
+
+
+def test_calibration_f1_max_and_fallback(ray_session, data):
+    import pyarrow.compute as pc
+
+    from workflows.evaluate import calibrate
+
+    root, man = data
+    uri = storage.resolve_model(storage.Layout(root).models("supersimplenet"))
+    table = manifest.read(man)
+    info = calibrate(uri, table, "auto")
+    assert info["rule"] == "f1_max" and info["split"] == "val" and info["f1"] > 0
+    assert artifact.read_meta(uri)["threshold_info"]["rule"] == "f1_max"
+    normals_only = table.filter(pc.or_(pc.not_equal(table["split"], "val"), pc.equal(table["label"], 0)))
+    info = calibrate(uri, normals_only, "auto", margin=0.1)
+    meta = artifact.read_meta(uri)
+    assert info["rule"] == "max_normal" and info["warning"] and meta["threshold_info"]["rule"] == "max_normal"
+    assert normals_only.filter(pc.equal(normals_only["split"], "val")).num_rows > 0
+    assert calibrate(uri, table, 0.42)["rule"] == "fixed" and artifact.read_meta(uri)["threshold"] == 0.42
