@@ -116,14 +116,8 @@ class KolektorSDDAdapter(Adapter):
                 prov["split_from"] = "fold"
             if label_uri is None:
                 missing.append(rel)
-                rows.append(manifest.row(sample_id(dataset_name, rel), dataset_name, width=w, height=h,
-                                         split=split, image_uri=uri, label=None, provenance=prov))
-                continue
-            defective, shape = found[label_uri]
-            check_mask_shape(label_uri, shape, uri, (w, h))
-            rows.append(manifest.row(sample_id(dataset_name, rel), dataset_name, width=w, height=h, split=split,
-                                     image_uri=uri, label=int(defective), mask_uri=label_uri,
-                                     defect_class=DEFECT if defective else None, provenance=prov))
+            rows.append(mask_row(dataset_name, rel, uri, (w, h), split, label_uri,
+                                 found.get(label_uri) if label_uri else None, prov))
         if missing:
             log.warning("kolektorsdd: %d image(s) have no <stem>_label.bmp (label null), e.g. %s", len(missing),
                         missing[:3])
@@ -155,6 +149,20 @@ def read_masks(uris: Sequence[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> lis
         return bool(m.any()), (int(m.shape[1]), int(m.shape[0]))
 
     return parallel_map(one, list(uris), desc="reading masks")
+
+
+def mask_row(dataset_name: str, rel: str, uri: str, size: tuple[int, int], split: str, mask_uri: str | None,
+             decoded: tuple[bool, tuple[int, int]] | None, prov: dict[str, Any]) -> dict[str, Any]:
+    """A manifest row whose label comes from its decoded mask (KolektorSDD layouts); no mask -> label null."""
+    w, h = size
+    if mask_uri is None or decoded is None:
+        return manifest.row(sample_id(dataset_name, rel), dataset_name, width=w, height=h, split=split,
+                            image_uri=uri, label=None, provenance=prov)
+    defective, shape = decoded
+    check_mask_shape(mask_uri, shape, uri, (w, h))
+    return manifest.row(sample_id(dataset_name, rel), dataset_name, width=w, height=h, split=split, image_uri=uri,
+                        label=int(defective), mask_uri=mask_uri, defect_class=DEFECT if defective else None,
+                        provenance=prov)
 
 
 def check_mask_shape(mask_uri: str, mask_size: tuple[int, int], image_uri: str, image_size: tuple[int, int]) -> None:

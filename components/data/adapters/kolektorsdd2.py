@@ -15,7 +15,6 @@ from typing import Any
 
 from pydantic import Field
 
-from components.data import manifest
 from components.data.adapters import (
     Adapter,
     AdapterOptions,
@@ -25,10 +24,9 @@ from components.data.adapters import (
     probe_sizes,
     register,
     relative,
-    sample_id,
     stem_of,
 )
-from components.data.adapters.kolektorsdd import carve_val, check_mask_shape, read_masks
+from components.data.adapters.kolektorsdd import carve_val, mask_row, read_masks
 from components.data.images import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
@@ -95,14 +93,8 @@ class KolektorSDD2Adapter(Adapter):
             prov = {"adapter": self.name, "split_from": "authors"}
             if mask_uri is None:
                 missing.append(rel)
-                rows.append(manifest.row(sample_id(dataset_name, rel), dataset_name, width=w, height=h,
-                                         split=split, image_uri=uri, label=None, provenance=prov))
-                continue
-            defective, shape = decoded[mask_uri]
-            check_mask_shape(mask_uri, shape, uri, (w, h))
-            rows.append(manifest.row(sample_id(dataset_name, rel), dataset_name, width=w, height=h, split=split,
-                                     image_uri=uri, label=int(defective), mask_uri=mask_uri,
-                                     defect_class=DEFECT if defective else None, provenance=prov))
+            rows.append(mask_row(dataset_name, rel, uri, (w, h), split, mask_uri,
+                                 decoded.get(mask_uri) if mask_uri else None, prov))
         if missing:
             log.warning("kolektorsdd2: %d image(s) have no <stem>_GT.png (label null), e.g. %s", len(missing),
                         missing[:3])
