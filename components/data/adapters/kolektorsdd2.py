@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 GT_SUFFIX = "_gt"
 COPY_MARK = "(copy)"
-DEFECT = "defect"
 SPLIT_DIRS = ("train", "test")
 
 DESCRIPTION = (
