@@ -93,3 +93,30 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xla
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def contact_sheet(items: Sequence[Mapping[str, Any]], cols: int = 4) -> bytes:
+    """PNG grid of samples, each the image with its mask's outline in red. Items: {"image", "mask", "title"}."""
+    from scipy import ndimage
+
+    plt = _plt()
+    n = max(1, len(items))
+    cols = min(cols, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, it in zip(axes.flat, items, strict=False):
+        img = np.clip(np.asarray(it["image"], dtype=np.float32), 0, 1).copy()
+        mask = it.get("mask")
+        if mask is not None and np.asarray(mask).any():
+            m = np.asarray(mask) > 0
+            edge = m & ~ndimage.binary_erosion(m, iterations=max(1, min(img.shape[:2]) // 128))
+            img[edge] = (1.0, 0.1, 0.1)
+        ax.imshow(img)
+        ax.set_title(str(it.get("title", ""))[:40], fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()

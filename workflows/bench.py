@@ -2,6 +2,7 @@
 
     defectflow bench gmbinet [--size 512] [--n 1 --n 2 --n 4 --n 8] [--out ./defectflow-data/reports/bench]
     defectflow bench supersimplenet [--size 256]
+    defectflow bench synth [--size 256] [--generator procedural --generator ddpm ...] [--ddpm-model <uri>]
 
 GMBINet: parameters, FLOPs (torch.utils.flop_counter: convolutions and matmuls) and MACs, CPU images/s at batch 1
 for the whole Detector graph (pre/post-processing included) in eager PyTorch and in ONNX Runtime. The paper reports
@@ -19,6 +20,7 @@ import time
 from typing import Any
 
 from components import report, storage
+from components.errors import ConfigError
 
 log = logging.getLogger("defectflow.bench")
 
@@ -148,6 +150,98 @@ def bench_supersimplenet(size: int = 256, iters: int = 20, threads: int | None =
                      "from cached features vs end to end from pixels, in-process (the work of one Train worker)."}
 
 
+SYNTH_GENERATORS = ("procedural", "cutpaste", "ddpm", "diffusion")
+
+
+def _synth_requests(size: int, count: int, with_reference: bool) -> list[Any]:
+    """``count`` requests on defect-free procedural surfaces, masks re-used from the defective ones (as ExDD)."""
+    from components.data import adapters, manifest
+    from components.synthesis.generators.base import SynthesisRequest
+    from components.synthesis.masks import MaskSampler, real_mask_pool
+
+    table = adapters.ingest("procedural", None, options={"count": 2 * count, "size": size, "seed": 0,
+                                                         "defect_fraction": 0.5})
+    rows = table.to_pylist()
+    normals = [r for r in rows if r["label"] == 0]
+    defects = [r for r in rows if r["label"] == 1]
+    sampler = MaskSampler({"default": {"kind": "real"}}, real_mask_pool(table), seed=0)
+    out = []
+    for i in range(count):
+        img = manifest.load_image(normals[i % len(normals)])
+        ref = defects[i % len(defects)]
+        out.append(SynthesisRequest(
+            image=img, mask=sampler.sample(img, None, ref["defect_class"], i), defect_class=ref["defect_class"] or
+            "defect", seed=i, reference=manifest.load_image(ref) if with_reference else None,
+            reference_mask=manifest.load_mask(ref) if with_reference else None))
+    return out
+
+
+def _synth_options(name: str, workdir: str, ddpm_model: str | None, diffusion_model: str | None,
+                   steps: int) -> tuple[dict[str, Any], str]:
+    """Generator options and a note saying what the figure stands for."""
+    if name == "ddpm":
+        if ddpm_model:
+            return {"model": ddpm_model, "steps": steps, "device": "cpu"}, f"trained model {ddpm_model}"
+        from components.synthesis import ddpm
+
+        params = ddpm.InpaintDDPMParams()
+        uri = ddpm.save(ddpm.InpaintDDPM(params), params, os.path.join(workdir, "ddpm"))
+        return ({"model": uri, "steps": steps, "device": "cpu"},
+                f"default architecture ({params.resolution}² window, channels {list(params.block_out_channels)}), "
+                "untrained weights: the compute of a trained model, not its images")
+    if name == "diffusion":
+        if diffusion_model:
+            return ({"model": diffusion_model, "num_inference_steps": steps, "device": "cpu"},
+                    f"pipeline {diffusion_model}")
+        from components.synthesis import tiny_pipelines
+
+        uri = tiny_pipelines.build_tiny_sd_inpaint(os.path.join(workdir, "tiny-sd-inpaint"))
+        return ({"model": uri, "num_inference_steps": steps, "device": "cpu"},
+                "tiny random SD-inpainting pipeline: measures the pipeline's own overhead (tokenizer, VAE, "
+                "scheduler, paste-back), not SD's compute; a real SD 1.5/SDXL on a CPU is minutes per image")
+    return {}, "CPU generator"
+
+
+def bench_synth(size: int = 256, count: int = 16, generators: list[str] | None = None, steps: int = 25,
+                ddpm_model: str | None = None, diffusion_model: str | None = None,
+                threads: int | None = None) -> dict[str, Any]:
+    """Images/s of each generator on this CPU: ``count`` requests in one ``generate`` call after one warm-up call
+    (model loading excluded), as one Ray Data synthesis actor runs them."""
+    import torch
+
+    from components.synthesis.generators.base import create_generator
+
+    if threads:
+        torch.set_num_threads(threads)
+    names = generators or list(SYNTH_GENERATORS)
+    unknown = sorted(set(names) - set(SYNTH_GENERATORS))
+    if unknown:
+        raise ConfigError(f"unknown generator(s) {unknown}", f"choose from {list(SYNTH_GENERATORS)}")
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in names:
+            options, note = _synth_options(name, workdir, ddpm_model, diffusion_model, steps)
+            reqs = _synth_requests(size, count, with_reference=name == "cutpaste")
+            t0 = time.perf_counter()
+            gen = create_generator(name, options)
+            load_s = time.perf_counter() - t0
+            gen.generate(reqs[:1])
+            log.info("synth bench: %s, %d images of %d²", name, count, size)
+            t0 = time.perf_counter()
+            results = gen.generate(reqs)
+            sec = time.perf_counter() - t0
+            changed = sum(bool((abs(r.image - q.image).max(axis=-1) > 1 / 255).any()) for r, q in
+                          zip(results, reqs, strict=True))
+            rows.append({"generator": name, "images": count, "seconds": round(sec, 2),
+                         "images_per_s": round(count / sec, 2), "ms_per_image": round(1000 * sec / count, 1),
+                         "load_s": round(load_s, 2), "changed": changed,
+                         "steps": steps if name in ("ddpm", "diffusion") else None, "what": note})
+    return {"target": "synth", "input": [count, 3, size, size], "iters": 1, "machine": machine(), "results": rows,
+            "notes": "One generate() call over all requests after a one-request warm-up; masks re-used from real "
+                     "(procedural) defects; filters and Parquet writing excluded (see `defectflow synthesize` logs "
+                     "for the whole job). `changed`: results differing from their source image."}
+
+
 def to_markdown(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [f"# Benchmark: {res['target']}", "",
@@ -170,7 +264,10 @@ def to_markdown(res: dict[str, Any]) -> str:
 
 def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
-    if args.target == "supersimplenet":
+    if args.target == "synth":
+        res = bench_synth(size=args.size or 256, count=args.count, generators=args.generator, steps=args.steps,
+                          ddpm_model=args.ddpm_model, diffusion_model=args.diffusion_model, threads=args.threads)
+    elif args.target == "supersimplenet":
         res = bench_supersimplenet(size=args.size or 256, iters=args.iters, threads=args.threads,
                                    onnx=not args.no_onnx)
     else:

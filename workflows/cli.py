@@ -1,6 +1,7 @@
 """The ``defectflow`` command.
 
-    defectflow ingest | features | train | evaluate | predict | sweep | serve | promote | import-weights | bench | demo
+    defectflow ingest | synthesize | train-synth | export | features | train | evaluate | predict | sweep
+               | serve | promote | import-weights | bench | demo
 
 User errors (bad config, unreadable data, missing weights, unsatisfiable resources) print one clear message and
 exit with status 2; ``-v`` shows debug logs, ``DEFECTFLOW_TRACEBACK=1`` shows tracebacks.
@@ -19,7 +20,7 @@ from components.errors import DefectflowError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from workflows import evaluate, features, ingest, predict, serve, sweep, train
+    from workflows import evaluate, features, ingest, predict, serve, sweep, synthesize, train, train_synth
 
     p = argparse.ArgumentParser(prog="defectflow", description="Turn product-surface images into deployed defect "
                                 "detectors on Ray.")
@@ -29,6 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     ingest.add_arguments(sub.add_parser("ingest", help="dataset folder/S3 prefix -> manifest (Parquet)"))
     features.add_arguments(sub.add_parser("features", help="cache a model's frozen backbone features (Ray Data)"))
+    synthesize.add_arguments(sub.add_parser("synthesize", help="synthetic labelled defects on normal images "
+                                                               "(Ray Data; procedural, cutpaste, diffusion, ddpm)"))
+    train_synth.add_arguments(sub.add_parser("train-synth", help="train the own DDPM inpainter or LoRA adapters "
+                                                                 "on defect crops (Ray Train)"))
+    ex = sub.add_parser("export", help="YOLO / COCO / mask-PNG folders from any manifest(s)")
+    ex.add_argument("--manifest", action="append", required=True, help="manifest URI (repeat to combine)")
+    ex.add_argument("--format", choices=["yolo", "coco", "masks"], required=True)
+    ex.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    ex.add_argument("--min-area", type=int, default=1, help="components below this many pixels get no box")
+    ex.add_argument("--include-unlabeled", action="store_true",
+                    help="also export images with only an image-level label (without boxes)")
+    ex.add_argument("--s3-endpoint-url", default=None)
     train.add_arguments(sub.add_parser("train", help="train a detector on Ray Train, evaluate, register"))
     evaluate.add_arguments(sub.add_parser("evaluate", help="metrics of a model on a manifest split (Ray Data)"))
     predict.add_arguments(sub.add_parser("predict", help="defect maps + scores.csv for a folder of images"))
@@ -49,14 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     iw.add_argument("--s3-endpoint-url", default=None)
 
     b = sub.add_parser("bench", help="measure a model's size and speed; writes JSON + Markdown")
-    b.add_argument("target", choices=["gmbinet", "supersimplenet"], help="what to benchmark")
+    b.add_argument("target", choices=["gmbinet", "supersimplenet", "synth"], help="what to benchmark")
     b.add_argument("--out", default="./defectflow-data/reports/bench", help="output folder or URI")
     b.add_argument("--size", type=int, default=None,
-                   help="input side length (default: the paper's, 512 for GMBINet, 256 for SuperSimpleNet)")
+                   help="input side length (default: the paper's, 512 for GMBINet, 256 for SuperSimpleNet "
+                        "and synth)")
     b.add_argument("--iters", type=int, default=30, help="timed iterations per measurement")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     b.add_argument("--n", type=int, action="append", help="GMBINet scale dimension(s) to measure (default 4)")
     b.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime measurement")
+    b.add_argument("--generator", action="append", choices=["procedural", "cutpaste", "ddpm", "diffusion"],
+                   help="synth: generator(s) to measure (default: all four)")
+    b.add_argument("--count", type=int, default=16, help="synth: images per generator")
+    b.add_argument("--steps", type=int, default=25, help="synth: denoising steps of ddpm/diffusion")
+    b.add_argument("--ddpm-model", default=None, help="synth: a trained ddpm model URI (default: untrained weights)")
+    b.add_argument("--diffusion-model", default=None,
+                   help="synth: a diffusers inpainting pipeline folder/URI (default: a tiny random one)")
 
     d = sub.add_parser("demo", help="the whole flow on procedural data on a local Ray instance")
     d.add_argument("--out", default="./defectflow-demo", help="demo output folder (re-created each run)")
@@ -97,6 +118,36 @@ def dispatch(args: argparse.Namespace) -> tuple[Any, int]:
         res = features.run(features.config_from_args(args))
         print(f"features: {res.uri}\n{res.shards} shard(s), {res.written} computed now, {res.skipped} reused; "
               f"{res.rows} image(s) of shape {res.feature_shape} in {res.seconds:.0f} s")
+        return res, 0
+    if cmd == "synthesize":
+        from workflows import synthesize
+
+        res = synthesize.run(synthesize.config_from_args(args))
+        print(f"synthetic set: {res.uri}\n{res.accepted} accepted of {res.requested} requested; rejections: "
+              f"{res.rejections or 'none'}\ncontact sheet: {res.contact_sheet}")
+        return res, 0
+    if cmd == "train-synth":
+        from workflows import train_synth
+
+        res = train_synth.run(train_synth.config_from_args(args))
+        print(f"{res.kind} synthesizer trained on {res.crops} crops for {res.epochs} epoch(s) "
+              f"(final loss {res.final_loss}) -> {res.out}")
+        return res, 0
+    if cmd == "export":
+        import pyarrow as pa
+
+        from components import storage
+        from components.data import manifest
+        from components.synthesis import export
+
+        storage.configure(endpoint_url=args.s3_endpoint_url)
+        table = pa.concat_tables([manifest.read(m) for m in args.manifest])
+        if args.format == "masks":
+            res = export.export_masks(table, args.out, include_unlabeled=args.include_unlabeled)
+        else:
+            fn = export.export_yolo if args.format == "yolo" else export.export_coco
+            res = fn(table, args.out, min_area=args.min_area, include_unlabeled=args.include_unlabeled)
+        print(f"{args.format} export written to {args.out}: {json.dumps(res)[:400]}")
         return res, 0
     if cmd == "train":
         from workflows import train

@@ -82,7 +82,8 @@ def _mix_synthetic(table: pa.Table, cfg: TrainConfig) -> pa.Table:
                         "lower data.synthetic.count or synthesize more")
     order = sorted(range(syn.num_rows), key=lambda i: manifest.unit_hash(syn["sample_id"][i].as_py(), cfg.seed))
     syn = syn.take(pa.array(sorted(order[:n])))
-    syn = syn.set_column(syn.schema.get_field_index("split"), "split", pa.array(["train"] * syn.num_rows))
+    syn = manifest.validate(syn.set_column(syn.schema.get_field_index("split"), "split",
+                                           pa.array(["train"] * syn.num_rows)))
     log.info("adding %d synthetic training samples from %s", n, cfg.data.synthetic.source)
     return pa.concat_tables([table, syn])
 
@@ -95,7 +96,7 @@ def _prepare_batch(batch: pa.Table, image_size: tuple[int, int], max_pixels: int
     return out
 
 
-def build_datasets(table: pa.Table, cfg: TrainConfig, features_uri: str | None = None) -> dict[str, Any]:
+def build_datasets(table: pa.Table, cfg: TrainConfig, features_uri: str | list[str] | None = None) -> dict[str, Any]:
     """Ray Datasets for the train and val splits: decoded, resized uint8 images, or cached features."""
     import ray.data
 
@@ -153,16 +154,22 @@ def _targets(batch: pa.Table, lookup_ref: Any, image_size: tuple[int, int], max_
             "has_mask": np.array(has, bool)}
 
 
-def build_feature_datasets(table: pa.Table, cfg: TrainConfig, features_uri: str) -> dict[str, Any]:
-    """Cached-feature shards joined with the regime's targets, per split (the join happens in the map tasks)."""
+def build_feature_datasets(table: pa.Table, cfg: TrainConfig, features_uri: str | list[str]) -> dict[str, Any]:
+    """Cached-feature shards joined with the regime's targets, per split (the join happens in the map tasks).
+    Several folders (the manifest's and the synthetic set's) are read as one; rows the table does not hold drop."""
     import ray
     import ray.data
 
     from workflows.features import read_signature, shard_files
 
-    sig = read_signature(features_uri)
-    fs, _ = storage.arrow_fs(features_uri)
-    files = [storage.strip_scheme(f) for f in shard_files(features_uri)]
+    uris = [features_uri] if isinstance(features_uri, str) else list(features_uri)
+    sig = read_signature(uris[0])
+    for other in uris[1:]:
+        if read_signature(other)["feature_shape"] != sig["feature_shape"]:
+            raise ConfigError(f"{other} and {uris[0]} hold features of different shapes",
+                              "compute both with the same model and image size")
+    fs, _ = storage.arrow_fs(uris[0])
+    files = [storage.strip_scheme(f) for u in uris for f in shard_files(u)]
     c, h, w = sig["feature_shape"]
     out = {}
     for split in ("train", "val"):
@@ -181,8 +188,10 @@ def build_feature_datasets(table: pa.Table, cfg: TrainConfig, features_uri: str)
     return out
 
 
-def resolve_features(cfg: TrainConfig, layout: storage.Layout) -> str | None:
-    """The features folder to train from: computed now for ``auto``, checked against the model for a URI."""
+def resolve_features(cfg: TrainConfig, layout: storage.Layout) -> list[str] | None:
+    """The features folders to train from: the manifest's (computed now for ``auto``, checked against the model for
+    a URI) and, when synthetic samples are mixed in, the synthetic set's (always computed/cached by ``auto`` rules
+    in its own folder: the synthetic rows are not in the manifest's cache)."""
     if cfg.data.features is None:
         return None
     from workflows import features as feat
@@ -191,13 +200,22 @@ def resolve_features(cfg: TrainConfig, layout: storage.Layout) -> str | None:
     if cfg.data.features == "auto":
         res = feat.run(fcfg)
         log.info("features: %d shard(s) (%d computed now) in %s", res.shards, res.written, res.uri)
-        return res.uri
-    want = feat.build_detector(fcfg).feature_signature()
-    have = feat.read_signature(cfg.data.features)
-    if have != want:
-        raise ConfigError(f"{cfg.data.features} holds features for other settings than this model/image size",
-                          "use data.features: auto, or the folder `defectflow features` wrote for this config")
-    return cfg.data.features
+        uris = [res.uri]
+    else:
+        want = feat.build_detector(fcfg).feature_signature()
+        have = feat.read_signature(cfg.data.features)
+        if have != want:
+            raise ConfigError(f"{cfg.data.features} holds features for other settings than this model/image size",
+                              "use data.features: auto, or the folder `defectflow features` wrote for this config")
+        uris = [cfg.data.features]
+    if cfg.data.synthetic is not None and cfg.data.synthetic.count > 0:
+        scfg = fcfg.model_copy(update={"manifest": storage.normalize(cfg.data.synthetic.source), "out": None,
+                                       "splits": ["train"]})
+        res = feat.run(scfg)
+        log.info("features of the synthetic set: %d shard(s) (%d computed now) in %s", res.shards, res.written,
+                 res.uri)
+        uris.append(res.uri)
+    return uris
 
 
 def _storage_env() -> dict[str, Any]:
@@ -608,8 +626,8 @@ def run(cfg: TrainConfig) -> TrainResult:
     counts = manifest.summary(table)
     log.info("run %s: %s on %s (regime %s): %s", cfg.name, cfg.model.family, cfg.data.manifest, cfg.data.regime,
              {k: v for k, v in counts.items() if k != "rows"})
-    features_uri = resolve_features(cfg, layout)
-    datasets = build_datasets(table, cfg, features_uri)
+    features_uris = resolve_features(cfg, layout)
+    datasets = build_datasets(table, cfg, features_uris)
     quiet_data_progress()
     run_uri = layout.run(cfg.name)
     trainer = build_trainer(cfg, datasets, loop_config(cfg, select), run_name=cfg.name, storage_uri=layout.runs(),

@@ -195,7 +195,7 @@ def _interp_matrix(n: int, scale: float) -> np.ndarray:
     return m
 
 
-def _noise(rng: np.random.Generator, h: int, w: int, scale_along: float, scale_across: float | None = None,
+def smooth_noise(rng: np.random.Generator, h: int, w: int, scale_along: float, scale_across: float | None = None,
            angle: float = 0.0) -> np.ndarray:
     """Zero-mean smooth noise (about [-0.5, 0.5]); anisotropic when the two scales differ, rotated by ``angle``."""
     across = scale_along if scale_across is None else scale_across
@@ -216,7 +216,7 @@ def _fbm(rng: np.random.Generator, h: int, w: int, scale: float, octaves: int = 
     out = np.zeros((h, w), np.float32)
     amp, norm = 1.0, 0.0
     for _ in range(octaves):
-        out += np.float32(amp) * _noise(rng, h, w, max(scale, 1.0))
+        out += np.float32(amp) * smooth_noise(rng, h, w, max(scale, 1.0))
         norm += amp
         amp *= gain
         scale /= 2.0
@@ -251,9 +251,10 @@ def _brushed(rng: np.random.Generator, h: int, w: int, s: float) -> tuple[np.nda
     angle = rng.uniform(0, math.pi) if rng.random() < 0.5 else rng.choice([0.0, math.pi / 2]) + rng.normal(0, 0.03)
     base = rng.uniform(0.45, 0.68)
     g = np.full((h, w), base, np.float32)
-    g += rng.uniform(0.10, 0.17) * _noise(rng, h, w, rng.uniform(25, 90) * max(s, 0.4), rng.uniform(0.6, 1.1), angle)
-    g += rng.uniform(0.05, 0.10) * _noise(rng, h, w, rng.uniform(60, 200) * max(s, 0.4), rng.uniform(2, 5) * max(s, .5),
-                                          angle)
+    g += rng.uniform(0.10, 0.17) * smooth_noise(rng, h, w, rng.uniform(25, 90) * max(s, 0.4),
+                                                rng.uniform(0.6, 1.1), angle)
+    g += rng.uniform(0.05, 0.10) * smooth_noise(rng, h, w, rng.uniform(60, 200) * max(s, 0.4),
+                                                rng.uniform(2, 5) * max(s, .5), angle)
     g += rng.uniform(0.03, 0.07) * _fbm(rng, h, w, 80 * s, octaves=2)
     yy, xx = _grid(h, w)
     along = ((xx - w / 2) * math.cos(angle) + (yy - h / 2) * math.sin(angle)) / max(h, w)
@@ -291,8 +292,8 @@ def _woven(rng: np.random.Generator, h: int, w: int, s: float) -> tuple[np.ndarr
     weft = prof_v * (0.78 + 0.22 * np.sin(np.pi * fu)) * weft_var[iv]
     val = np.where(over, warp, weft)
     # fibres run along each thread: streaky noise in both directions, picked by which thread is on top
-    fib_a = _noise(rng, h, w, period * 1.5, 0.7, angle + math.pi / 2)
-    fib_b = _noise(rng, h, w, period * 1.5, 0.7, angle)
+    fib_a = smooth_noise(rng, h, w, period * 1.5, 0.7, angle + math.pi / 2)
+    fib_b = smooth_noise(rng, h, w, period * 1.5, 0.7, angle)
     val = val + 0.12 * np.where(over, fib_a, fib_b)
     dark = rng.uniform(0.12, 0.3)
     bright = rng.uniform(0.55, 0.8)
@@ -306,7 +307,7 @@ def _cast(rng: np.random.Generator, h: int, w: int, s: float) -> tuple[np.ndarra
     """Speckled cast iron / sintered part: mottled low-frequency relief, fine grain, speckles and a few pores."""
     g = np.full((h, w), rng.uniform(0.4, 0.62), np.float32)
     g += rng.uniform(0.08, 0.14) * _fbm(rng, h, w, 48 * max(s, 0.4), octaves=3)
-    g += rng.uniform(0.05, 0.09) * _noise(rng, h, w, 1.2)
+    g += rng.uniform(0.05, 0.09) * smooth_noise(rng, h, w, 1.2)
     r = 1 if s < 1.5 else 2
     density = rng.uniform(0.004, 0.012)
     for sign, amp, share in ((-1.0, rng.uniform(0.2, 0.35), 1.0), (1.0, rng.uniform(0.1, 0.2), 0.7)):
@@ -363,7 +364,7 @@ def _illumination(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- defects
 
 
-def _polyline_alpha(shape: tuple[int, int], pts: np.ndarray, radii: np.ndarray) -> np.ndarray:
+def polyline_alpha(shape: tuple[int, int], pts: np.ndarray, radii: np.ndarray) -> np.ndarray:
     """Anti-aliased coverage of a polyline with per-vertex radius, drawn segment by segment in small windows."""
     h, w = shape
     alpha = np.zeros(shape, np.float32)
@@ -388,7 +389,7 @@ def _polyline_alpha(shape: tuple[int, int], pts: np.ndarray, radii: np.ndarray) 
     return alpha
 
 
-def _random_walk(rng: np.random.Generator, start: np.ndarray, heading: float, steps: int, step: float,
+def random_walk(rng: np.random.Generator, start: np.ndarray, heading: float, steps: int, step: float,
                  wiggle: float, pull: float) -> tuple[np.ndarray, np.ndarray]:
     """Jagged path: the heading does a mean-reverting random walk around its initial value."""
     pts = [start.astype(np.float64)]
@@ -425,8 +426,8 @@ def _scratches(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, s: f
         width = rng.uniform(1.2, 2.6) * max(s, 0.7) ** 0.5
         widths.append(round(width, 2))
         radii = np.maximum(width / 2 * (0.55 + 0.45 * np.sin(np.pi * t) ** 0.5), 0.5)
-        alpha = _polyline_alpha((h, w), pts, radii)
-        halo = np.clip(_polyline_alpha((h, w), pts, radii + 1.2) - alpha, 0, 1)
+        alpha = polyline_alpha((h, w), pts, radii)
+        halo = np.clip(polyline_alpha((h, w), pts, radii + 1.2) - alpha, 0, 1)
         strength = np.float32(amp * rng.uniform(0.85, 1.0))
         if not clean:
             img += (sign * strength * (alpha - 0.3 * halo))[:, :, None]
@@ -480,12 +481,12 @@ def _cracks(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, s: floa
     heading = rng.uniform(0, 2 * math.pi)
     start = np.array([rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w])
     start = start - np.array([math.sin(heading), math.cos(heading)]) * length * rng.uniform(0.2, 0.5)
-    pts, heads = _random_walk(rng, start, heading, steps, step, wiggle=0.45, pull=0.35)
+    pts, heads = random_walk(rng, start, heading, steps, step, wiggle=0.45, pull=0.35)
     width = rng.uniform(1.4, 3.2) * max(s, 0.5) ** 0.5
     t = np.linspace(0, 1, len(pts))
     taper = 0.3 + 0.7 * np.sin(np.pi * np.clip(t * rng.uniform(0.8, 1.2), 0, 1)) ** 0.6
     radii = np.maximum(width / 2 * taper * rng.uniform(0.85, 1.15, len(pts)), 0.5)
-    alpha = _polyline_alpha((h, w), pts, radii)
+    alpha = polyline_alpha((h, w), pts, radii)
     n_branches = int(rng.choice([0, 1, 1, 2, 2, 3]))
     for _ in range(n_branches):
         j = int(rng.integers(int(0.15 * steps), max(int(0.85 * steps), int(0.15 * steps) + 1)))
@@ -493,10 +494,10 @@ def _cracks(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, s: floa
         bh = float(heads[min(j, len(heads) - 1)]) + side * rng.uniform(0.4, 1.1)
         bl = rng.uniform(0.15, 0.45) * length
         bsteps = max(int(bl / step), 3)
-        bpts, _ = _random_walk(rng, pts[j], bh, bsteps, step, wiggle=0.5, pull=0.3)
+        bpts, _ = random_walk(rng, pts[j], bh, bsteps, step, wiggle=0.5, pull=0.3)
         bt = np.linspace(0, 1, len(bpts))
         bradii = np.maximum(radii[j] * 0.75 * (1 - 0.6 * bt), 0.5)
-        np.maximum(alpha, _polyline_alpha((h, w), bpts, bradii), out=alpha)
+        np.maximum(alpha, polyline_alpha((h, w), bpts, bradii), out=alpha)
     depth = np.float32(rng.uniform(0.45, 0.65))
     if not clean:
         img *= (1.0 - depth * alpha)[:, :, None]
@@ -519,7 +520,7 @@ def _stains(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, s: floa
     xx = np.arange(xa, xb, dtype=np.float32)[None, :] - np.float32(cx)
     u = (xx * math.cos(a) + yy * math.sin(a)) / rx
     v = (yy * math.cos(a) - xx * math.sin(a)) / ry
-    wobble = _noise(rng, wh, ww, max(rx, ry) * 0.6)
+    wobble = smooth_noise(rng, wh, ww, max(rx, ry) * 0.6)
     f = 1.0 - np.sqrt(u * u + v * v) + 0.5 * wobble
     soft = rng.uniform(0.12, 0.3)
     alpha = _smooth(np.clip(f / soft + 0.5, 0, 1))
@@ -527,7 +528,7 @@ def _stains(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, s: floa
     colour = {"rust": (-0.6, -1.0, -1.4), "oil": (-1.05, -1.0, -0.9), "water": (1.0, 1.0, 1.05)}[kind]
     contrast = rng.uniform(0.09, 0.16) * (0.8 if kind == "water" else 1.0)
     col = np.asarray(colour, np.float32) / np.float32(np.abs(colour).mean()) * np.float32(contrast)
-    texture = 0.85 + 0.3 * (_noise(rng, wh, ww, max(3.0, 0.15 * max(rx, ry))) + 0.5)
+    texture = 0.85 + 0.3 * (smooth_noise(rng, wh, ww, max(3.0, 0.15 * max(rx, ry))) + 0.5)
     tide = np.exp(-(((alpha - 0.55) / 0.12) ** 2)) * 0.35
     if not clean:
         img[ya:yb, xa:xb] += ((alpha * texture + tide * (alpha < 0.9))[:, :, None] * col[None, None, :]).astype(

@@ -1,0 +1,1 @@
+"""Synthetic defects: masks and placement, generators (procedural, cut-paste, diffusion, own DDPM), labels, filters."""

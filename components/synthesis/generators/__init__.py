@@ -1,0 +1,1 @@
+"""Defect generators (one module each) behind the interface in base.py."""
