@@ -232,8 +232,8 @@ def bench_synth(size: int = 256, count: int = 16, generators: list[str] | None =
             sec = time.perf_counter() - t0
             changed = sum(bool((abs(r.image - q.image).max(axis=-1) > 1 / 255).any()) for r, q in
                           zip(results, reqs, strict=True))
-            rows.append({"generator": name, "images": count, "seconds": round(sec, 2),
-                         "images_per_s": round(count / sec, 2), "ms_per_image": round(1000 * sec / count, 1),
+            rows.append({"generator": name, "images": count, "seconds": round(sec, 3),
+                         "images_per_s": round(count / sec, 2), "ms_per_image": round(1000 * sec / count, 2),
                          "load_s": round(load_s, 2), "changed": changed,
                          "steps": steps if name in ("ddpm", "diffusion") else None, "what": note})
     return {"target": "synth", "input": [count, 3, size, size], "iters": 1, "machine": machine(), "results": rows,

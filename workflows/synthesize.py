@@ -46,6 +46,16 @@ class GeneratorSettings(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class SourceRegime(Strict):
+    """Synthesize only from what a trainer of this supervision regime may see (e.g. ``mixed`` with 10 masks: the
+    real masks and cut-paste crops come from those 10 images only), so a small-real-data experiment stays honest.
+    Same rules and seeded subset as ``data.regime`` / ``data.mixed_masks`` / ``seed`` of a train config."""
+
+    regime: Literal["unsupervised", "weak", "mixed", "full"] = "full"
+    mixed_masks: int | float | None = None
+    seed: int = Field(0, description="the train config's seed (it picks the mixed subset)")
+
+
 class SynthesizeConfig(Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="synthetic set name")
     manifest: str = Field(..., description="source manifest: its defect-free rows get the defects; its real defect "
@@ -54,6 +64,8 @@ class SynthesizeConfig(Strict):
     count: int = Field(100, ge=1, description="accepted samples wanted")
     seed: int = 0
     source_splits: list[Literal["train", "val", "test"]] = Field(["train"], description="rows used as sources")
+    source_regime: SourceRegime = Field(default_factory=SourceRegime,
+                                        description="the supervision regime the sources are seen through")
     classes: list[str] | None = Field(None, description="defect classes to make (default: the real ones, else "
                                                         "'defect'); requests cycle through them")
     masks: dict[str, Any] | None = Field(None, description="defect class (or 'default') -> MaskSpec or list; "
@@ -202,7 +214,10 @@ def _fit_mask(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _sources(cfg: SynthesizeConfig) -> pa.Table:
-    table = manifest.read(cfg.manifest)
+    from components.data import regimes
+
+    sr = cfg.source_regime
+    table = regimes.apply(manifest.read(cfg.manifest), sr.regime, mixed_masks=sr.mixed_masks, seed=sr.seed)
     table = table.filter(pc.is_in(table["split"], pa.array(list(cfg.source_splits))))
     return table.filter(pc.equal(table["source"], "real"))
 

@@ -471,3 +471,29 @@ def test_build_chain_from_config(embedder, pit_samples):
         F.build_chain([{"name": "visible_change", "params": {"colour": 1}}])
     with pytest.raises(ConfigError):
         F.build_chain([{"name": "visible_change"}, {"name": "visible_change"}])
+
+
+def test_source_regime_limits_what_synthesis_learns_from(tmp_path):
+    """Small-real-data experiments: synthesis sees only the masks the training regime keeps (same seeded subset)."""
+    from components.config import validate
+    from components.data import regimes
+    from components.synthesis.masks import real_mask_pool
+    from tests.helpers import procedural_manifest
+    from workflows import synthesize
+
+    man = procedural_manifest(str(tmp_path / "m.parquet"), count=40, size=32)
+
+    def cfg(**over):
+        return validate(synthesize.SynthesizeConfig, {"name": "s", "manifest": man, **over}, "synth config")
+
+    everything = synthesize._sources(cfg())
+    few = synthesize._sources(cfg(source_regime={"regime": "mixed", "mixed_masks": 3, "seed": 7}))
+    assert len(real_mask_pool(few)) == 3 < len(real_mask_pool(everything))
+    import pyarrow.compute as pc
+
+    trained_on = regimes.apply(manifest.read(man), "mixed", mixed_masks=3, seed=7)
+    trained_on = trained_on.filter(pc.equal(trained_on["split"], "train"))
+    assert {m.sample_id for m in real_mask_pool(few)} == {m.sample_id for m in real_mask_pool(trained_on)}
+    assert synthesize._normal_ids(few) == synthesize._normal_ids(everything)
+    with pytest.raises(ConfigError):
+        cfg(source_regime={"regime": "mixed", "mixed_masks": 3, "bogus": 1})
