@@ -136,7 +136,7 @@ def run(cfg: FeaturesConfig) -> FeaturesResult:
     """Compute every missing shard (Ray is started or joined here)."""
     import ray.data
 
-    from workflows.runtime import cluster_resources, init_ray
+    from workflows.runtime import actor_pool_gpu, init_ray
 
     t0 = time.time()
     layout = cfg.storage.apply()
@@ -163,8 +163,7 @@ def run(cfg: FeaturesConfig) -> FeaturesResult:
              len(plan), cfg.features.shard_size, len(plan) - len(todo), out)
     if todo:
         init_ray(cfg.ray, cfg.storage)
-        use_gpu = cfg.features.use_gpu is True or (cfg.features.use_gpu == "auto"
-                                                    and cluster_resources().get("GPU", 0) >= 1)
+        use_gpu = actor_pool_gpu("features", cfg.features.use_gpu, cfg.features.cpus_per_actor)
         s = storage.settings()
         ds = ray.data.from_items([{"shard": n, "ids": json.dumps(ids)} for n, ids in todo])
         ds = ds.map_batches(

@@ -91,6 +91,20 @@ def resolve_use_gpu(scaling: ScalingSettings) -> bool:
     return bool(scaling.use_gpu)
 
 
+def actor_pool_gpu(what: str, use_gpu: bool | str, cpus_per_actor: float) -> bool:
+    """Whether a Ray Data actor pool takes one GPU per actor (``auto``: when the cluster has one), after checking
+    that at least one actor fits: Ray Data would otherwise wait forever for resources that never come."""
+    res = cluster_resources()
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    if cpus_per_actor > cpus + 1e-9:
+        raise ResourceError(f"{what}: an actor asks for {cpus_per_actor:g} CPUs but the cluster has {cpus:g}",
+                            "lower cpus_per_actor, or add nodes")
+    if use_gpu is True and gpus < 1:
+        raise ResourceError(f"{what}: use_gpu is true but the cluster has no GPU",
+                            "set use_gpu: auto (or false), or add GPU nodes")
+    return use_gpu is True or (use_gpu == "auto" and gpus >= 1)
+
+
 def check_train_resources(scaling: ScalingSettings, use_gpu: bool, extra_cpus: float = 0.0) -> None:
     """Fail fast when ``num_workers`` x per-worker resources cannot fit the cluster (Train would wait forever)."""
     res = cluster_resources()

@@ -253,7 +253,7 @@ def run(cfg: SynthesizeConfig) -> SynthesizeResult:
     import ray.data
 
     from components.synthesis.generators.base import create_generator  # noqa: F401  (fail fast on unknown names)
-    from workflows.runtime import cluster_resources, init_ray
+    from workflows.runtime import actor_pool_gpu, init_ray
 
     t0 = time.time()
     layout = cfg.storage.apply()
@@ -277,7 +277,7 @@ def run(cfg: SynthesizeConfig) -> SynthesizeResult:
     done = {storage.basename(u)[:-5]: storage.read_json(u) for u in storage.walk_files(storage.join(out, STATUS_DIR),
                                                                                        (".json",))}
     init_ray(cfg.ray, cfg.storage)
-    use_gpu = cfg.use_gpu is True or (cfg.use_gpu == "auto" and cluster_resources().get("GPU", 0) >= 1)
+    use_gpu = actor_pool_gpu("synthesize", cfg.use_gpu, cfg.cpus_per_actor)
     s = storage.settings()
     next_index, accepted, requested = 0, 0, 0
     for wave in range(cfg.max_waves):

@@ -110,6 +110,15 @@ def test_rejections_are_counted_and_other_settings_refused(ray_session, source):
 
     with pytest.raises(ConfigError, match="other settings"):
         synthesize.run(synth_cfg(root, man, "strict", count=4, seed=99))
+    import ray
+
+    from components.errors import ResourceError
+
+    if not ray.cluster_resources().get("GPU"):
+        with pytest.raises(ResourceError, match="no GPU"):  # fails at once instead of waiting for a GPU forever
+            synthesize.run(synth_cfg(root, man, "gpu", use_gpu=True))
+    with pytest.raises(ResourceError, match="CPUs"):
+        synthesize.run(synth_cfg(root, man, "big", cpus_per_actor=512))
 
 
 def test_export_and_mixing_into_training(ray_session, source, tmp_path):
