@@ -117,6 +117,7 @@ class SynthesisWorker:
         self.out = out_uri
         table = _sources(self.cfg)
         self.rows = {r["sample_id"]: r for r in table.to_pylist()}
+        self.empty_refs: set[str] = set()
         self.defects = [r for r in self.rows.values() if r.get("label") == 1
                         and (r.get("mask_uri") or r.get("mask_bytes"))]
         pool = real_mask_pool(table, seed=self.cfg.seed)
@@ -129,10 +130,13 @@ class SynthesisWorker:
         examples, normals = [], []
         if feature_filters:
             k = self.cfg.filter_examples
-            for r in self.defects[:k]:
+            for r in self.defects:
+                if len(examples) >= k:
+                    break
                 img = self._image(r)
-                mask = manifest.load_mask(r)
-                examples.append((img, _fit_mask(mask, img.shape[:2])))
+                mask = _fit_mask(manifest.load_mask(r), img.shape[:2])
+                if mask.any():  # a defect too small to survive the resize is no example of a defect region
+                    examples.append((img, mask))
             normals = [self._image(self.rows[i]) for i in _normal_ids(table)[:k]]
         self.chain = build_chain(self.cfg.filters, defect_examples=examples, normal_images=normals)
 
@@ -141,11 +145,41 @@ class SynthesisWorker:
         return resize_image(img, tuple(self.cfg.image_size)) if self.cfg.image_size else img
 
     def _reference(self, rng: np.random.Generator) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
-        if not self.defects:
-            return None, None, None
-        rec = self.defects[int(rng.integers(len(self.defects)))]
-        img = self._image(rec)
-        return img, _fit_mask(manifest.load_mask(rec), img.shape[:2]), rec["sample_id"]
+        """A random real defect (image, mask at the working size, id); defects whose mask is empty at that size
+        (a few pixels lost to the resize, or an empty ground truth) are skipped and remembered."""
+        for _ in range(20):
+            usable = [r for r in self.defects if r["sample_id"] not in self.empty_refs]
+            if not usable:
+                break
+            rec = usable[int(rng.integers(len(usable)))]
+            img = self._image(rec)
+            mask = _fit_mask(manifest.load_mask(rec), img.shape[:2])
+            if mask.any():
+                return img, mask, rec["sample_id"]
+            log.warning("cut-paste reference %s has an empty mask at %s; skipped", rec["sample_id"], img.shape[:2])
+            self.empty_refs.add(rec["sample_id"])
+        return None, None, None
+
+    def _generate(self, reqs: list[Any], metas: list[dict[str, Any]],
+                  rejected: list[dict[str, Any]]) -> tuple[list[Any], list[dict[str, Any]], list[Any]]:
+        """Batched generation; when the batch fails on bad input, request by request, so one unusable request is
+        a counted rejection (``generator: ...``) instead of the end of the job."""
+        if not reqs:
+            return [], [], []
+        try:
+            return reqs, metas, self.generator.generate(reqs)
+        except DataError as e:
+            log.warning("generator failed on a batch (%s); retrying its requests one by one", e.message)
+        keep_r, keep_m, results = [], [], []
+        for req, meta in zip(reqs, metas, strict=True):
+            try:
+                results.append(self.generator.generate([req])[0])
+            except DataError as e:
+                rejected.append({"index": meta["index"], "reasons": [f"generator: {e.message}"]})
+                continue
+            keep_r.append(req)
+            keep_m.append(meta)
+        return keep_r, keep_m, results
 
     def write_shard(self, name: str, requests: list[dict[str, Any]]) -> dict[str, Any]:
         from components.synthesis.filters import FilterInput
@@ -170,7 +204,7 @@ class SynthesisWorker:
                                          reference=ref, reference_mask=ref_mask,
                                          extra={"reference_id": ref_id} if ref_id else {}))
             metas.append({**q, "mask": mask_info, "reference_id": ref_id})
-        results = self.generator.generate(reqs) if reqs else []
+        reqs, metas, results = self._generate(reqs, metas, rejected)
         verdicts = self.chain.evaluate([
             FilterInput(image=res.image, mask=res.mask, original=req.image, prompt=res.info.get("prompt"),
                         defect_class=req.defect_class, sample_id=f"{self.cfg.name}/{meta['index']:06d}")

@@ -497,3 +497,46 @@ def test_source_regime_limits_what_synthesis_learns_from(tmp_path):
     assert synthesize._normal_ids(few) == synthesize._normal_ids(everything)
     with pytest.raises(ConfigError):
         cfg(source_regime={"regime": "mixed", "mixed_masks": 3, "bogus": 1})
+
+
+def test_unusable_cutpaste_references_are_skipped_or_rejected_never_fatal(tmp_path):
+    """A real defect whose mask is empty at the working size (a few pixels lost to a resize, an empty ground truth)
+    is never used as a cut-paste reference; with no usable reference at all, requests become counted rejections."""
+    from components import storage
+    from components.config import validate
+    from tests.helpers import procedural_manifest
+    from workflows import synthesize
+
+    man = manifest.read(procedural_manifest(str(tmp_path / "m.parquet"), count=30, size=32))
+    recs = man.to_pylist()
+    defects = [r for r in recs if r["split"] == "train" and r["label"] == 1]
+    assert len(defects) >= 3
+    keep = defects[0]["sample_id"]
+    for r in defects:
+        if r["sample_id"] != keep:
+            r["mask_bytes"], r["mask_uri"] = encode_mask_png(np.zeros((32, 32), np.uint8)), None
+
+    def worker(rows, name):
+        uri = str(tmp_path / f"{name}.parquet")
+        manifest.write(manifest.make_table(rows), uri)
+        cfg = validate(synthesize.SynthesizeConfig, {
+            "name": name, "manifest": uri, "generator": {"name": "cutpaste"}, "classes": ["defect"],
+            "masks": {"default": {"kind": "blob", "area_range": [0.05, 0.1]}}, "min_box_area": 1,
+            "filters": []}, "synth config")
+        return synthesize.SynthesisWorker(cfg.model_dump(mode="json"), str(tmp_path / name), {}, False)
+
+    w = worker(recs, "one-usable")
+    ids = synthesize._normal_ids(synthesize._sources(w.cfg))
+    status = w.write_shard("part-0", synthesize.plan_requests(ids, ["defect"], 0, 6, 0))
+    got = manifest.read(str(tmp_path / "one-usable" / "part-0.parquet")).to_pylist()
+    assert status["accepted"] == len(got) > 0
+    assert {json.loads(r["provenance"])["reference_id"] for r in got} == {keep}
+
+    for r in recs:
+        if r["sample_id"] == keep:
+            r["mask_bytes"], r["mask_uri"] = encode_mask_png(np.zeros((32, 32), np.uint8)), None
+    w = worker(recs, "none-usable")
+    status = w.write_shard("part-0", synthesize.plan_requests(ids, ["defect"], 0, 4, 0))
+    assert status["accepted"] == 0 and len(status["rejected"]) == 4
+    assert all(rej["reasons"][0].startswith("generator: ") for rej in status["rejected"])
+    assert storage.exists(str(tmp_path / "none-usable" / "_shards" / "part-0.json"))
