@@ -60,6 +60,19 @@ def state_dict_bytes(module: torch.nn.Module) -> bytes:
     return st_save(sd)
 
 
+def read_state_dict(uri: str, hint: str) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file at ``uri`` (never a pickle); WeightsError with ``hint`` when the file
+    is missing or not valid safetensors."""
+    try:
+        raw = storage.read_bytes(uri)
+    except StorageError as e:
+        raise WeightsError(f"{uri} is missing or unreadable: {e.message}", hint) from e
+    try:
+        return st_load(raw)
+    except Exception as e:  # safetensors raises SafetensorError (not an OSError)
+        raise WeightsError(f"{uri} is not a valid safetensors file: {e}", hint) from e
+
+
 def save(detector: Detector, uri: str, *, threshold: float = 0.5, metrics: dict[str, Any] | None = None,
          lineage: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
          pixel_threshold: float | None = None) -> str:
@@ -108,14 +121,7 @@ def load(uri: str, device: str | torch.device = "cpu") -> tuple[Detector, dict[s
     meta = read_meta(resolved)
     family = registry.get(meta["family"])
     detector = family.detector_cls.from_config(meta["config"])
-    try:
-        raw = storage.read_bytes(storage.join(resolved, WEIGHTS))
-    except StorageError as e:
-        raise WeightsError(f"{resolved} has no {WEIGHTS}", "the artifact is incomplete; re-export it") from e
-    try:
-        state = st_load(raw)
-    except Exception as e:  # safetensors raises SafetensorError (not an OSError)
-        raise WeightsError(f"{resolved}/{WEIGHTS} is not a valid safetensors file: {e}", "re-export it") from e
+    state = read_state_dict(storage.join(resolved, WEIGHTS), "the artifact is incomplete or damaged; re-export it")
     try:
         missing, unexpected = detector.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches

@@ -153,8 +153,9 @@ def bench_supersimplenet(size: int = 256, iters: int = 20, threads: int | None =
 SYNTH_GENERATORS = ("procedural", "cutpaste", "ddpm", "diffusion")
 
 
-def _synth_requests(size: int, count: int, with_reference: bool) -> list[Any]:
-    """``count`` requests on defect-free procedural surfaces, masks re-used from the defective ones (as ExDD)."""
+def _synth_requests(size: int, count: int) -> list[Any]:
+    """``count`` requests on defect-free procedural surfaces, masks re-used from the defective ones (as ExDD), each
+    with a real defect as cut-paste reference (the other generators ignore it)."""
     from components.data import adapters, manifest
     from components.synthesis.generators.base import SynthesisRequest
     from components.synthesis.masks import MaskSampler, real_mask_pool
@@ -171,8 +172,7 @@ def _synth_requests(size: int, count: int, with_reference: bool) -> list[Any]:
         ref = defects[i % len(defects)]
         out.append(SynthesisRequest(
             image=img, mask=sampler.sample(img, None, ref["defect_class"], i), defect_class=ref["defect_class"] or
-            "defect", seed=i, reference=manifest.load_image(ref) if with_reference else None,
-            reference_mask=manifest.load_mask(ref) if with_reference else None))
+            "defect", seed=i, reference=manifest.load_image(ref), reference_mask=manifest.load_mask(ref)))
     return out
 
 
@@ -218,10 +218,10 @@ def bench_synth(size: int = 256, count: int = 16, generators: list[str] | None =
     if unknown:
         raise ConfigError(f"unknown generator(s) {unknown}", f"choose from {list(SYNTH_GENERATORS)}")
     rows = []
+    reqs = _synth_requests(size, count)
     with tempfile.TemporaryDirectory() as workdir:
         for name in names:
             options, note = _synth_options(name, workdir, ddpm_model, diffusion_model, steps)
-            reqs = _synth_requests(size, count, with_reference=name == "cutpaste")
             t0 = time.perf_counter()
             gen = create_generator(name, options)
             load_s = time.perf_counter() - t0

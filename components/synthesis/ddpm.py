@@ -36,8 +36,6 @@ import numpy as np
 import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -384,13 +382,12 @@ def save(model: InpaintDDPM, params: InpaintDDPMParams | None, uri: str, *,
          training: Mapping[str, Any] | None = None) -> str:
     """Weights first, ddpm.json last: a folder with ddpm.json is complete. ``params`` defaults to the model's own
     and must equal them (it is the description the weights are rebuilt from)."""
-    from components.artifact import code_version
+    from components.artifact import code_version, state_dict_bytes
 
     params = params or model.params
     if params != model.params:
         raise ValueError("params differ from the model's own params; the saved description would not match")
     uri = storage.normalize(uri)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -400,7 +397,7 @@ def save(model: InpaintDDPM, params: InpaintDDPMParams | None, uri: str, *,
         "code_version": code_version(),
         "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    storage.write_bytes(storage.join(uri, WEIGHTS), st_save(sd))
+    storage.write_bytes(storage.join(uri, WEIGHTS), state_dict_bytes(model))
     storage.write_json(storage.join(uri, META), meta)
     log.info("ddpm written to %s", uri)
     return uri
@@ -408,6 +405,8 @@ def save(model: InpaintDDPM, params: InpaintDDPMParams | None, uri: str, *,
 
 def load(uri: str, device: str | torch.device = "cpu") -> tuple[InpaintDDPM, dict[str, Any]]:
     """Rebuild a saved model (eval mode) and return it with its ddpm.json (plus ``uri``)."""
+    from components.artifact import read_state_dict
+
     uri = storage.normalize(uri)
     hint = "pass a folder written by components.synthesis.ddpm.save (model.safetensors + ddpm.json)"
     try:
@@ -423,14 +422,7 @@ def load(uri: str, device: str | torch.device = "cpu") -> tuple[InpaintDDPM, dic
         params = InpaintDDPMParams.model_validate(meta.get("params") or {})
     except ValidationError as e:
         raise WeightsError(f"{uri}/{META} holds invalid params: {e}", "the file is damaged; re-train or re-save") from e
-    try:
-        raw = storage.read_bytes(storage.join(uri, WEIGHTS))
-    except StorageError as e:
-        raise WeightsError(f"{uri} has no readable {WEIGHTS}", "the folder is incomplete; re-save the model") from e
-    try:
-        state = st_load(raw)
-    except Exception as e:  # safetensors raises SafetensorError (not an OSError)
-        raise WeightsError(f"{uri}/{WEIGHTS} is not a valid safetensors file: {e}", "re-save the model") from e
+    state = read_state_dict(storage.join(uri, WEIGHTS), "the folder is incomplete or damaged; re-save the model")
     model = InpaintDDPM(params)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
