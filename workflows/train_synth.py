@@ -130,7 +130,49 @@ def _loop(c: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
-class _DDPMTrainer:
+class _Trainer:
+    """What both synthesizer trainers share: AdamW over ``trainable()`` and the optimizer/epoch part of the
+    checkpoint (file names as in ``workflows.train``); subclasses save and load their own weights."""
+
+    cfg: SynthTrainConfig
+    opt: Any = None
+
+    def trainable(self) -> list[Any]:
+        raise NotImplementedError
+
+    def build_optimizer(self) -> None:
+        import torch
+
+        self.opt = torch.optim.AdamW(self.trainable(), **self.optimizer_kwargs())
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        return {"lr": self.cfg.lr}
+
+    def save_state(self, d: str, epoch: int) -> None:
+        import torch
+
+        from workflows.train import CKPT_OPTIM, CKPT_STATE
+
+        torch.save({"optimizer": self.opt.state_dict()}, os.path.join(d, CKPT_OPTIM))
+        with open(os.path.join(d, CKPT_STATE), "w") as f:
+            json.dump({"epoch": epoch}, f)
+
+    @staticmethod
+    def saved_epoch(d: str) -> int:
+        from workflows.train import CKPT_STATE, _read_json
+
+        return int(_read_json(os.path.join(d, CKPT_STATE))["epoch"])
+
+    def load_optimizer(self, d: str) -> None:
+        import torch
+
+        from workflows.train import CKPT_OPTIM
+
+        self.opt.load_state_dict(torch.load(os.path.join(d, CKPT_OPTIM), map_location="cpu",
+                                            weights_only=True)["optimizer"])
+
+
+class _DDPMTrainer(_Trainer):
     def __init__(self, cfg: SynthTrainConfig):
         from components.synthesis.ddpm import InpaintDDPM, InpaintDDPMParams, noise_scheduler
 
@@ -138,16 +180,15 @@ class _DDPMTrainer:
         self.params = InpaintDDPMParams.model_validate({"resolution": cfg.resolution, **cfg.ddpm})
         self.model = InpaintDDPM(self.params)
         self.scheduler = noise_scheduler(self.params)
-        self.opt = None
 
     def _inner(self) -> Any:
         return self.model.module if hasattr(self.model, "module") else self.model
 
-    def build_optimizer(self) -> None:
-        import torch
+    def trainable(self) -> list[Any]:
+        return list(self.model.parameters())
 
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, betas=(0.95, 0.999),
-                                     weight_decay=1e-6)
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        return {"lr": self.cfg.lr, "betas": (0.95, 0.999), "weight_decay": 1e-6}
 
     def step(self, b: dict[str, Any], device: Any, gen: Any) -> float:
         import torch
@@ -166,31 +207,20 @@ class _DDPMTrainer:
         return float(loss.detach())
 
     def save(self, d: str, epoch: int) -> None:
-        import torch
-
         from components.synthesis.ddpm import save
 
         save(self._inner(), self.params, os.path.join(d, "model"),
              training={"crop": {"context": self.cfg.context}, "epochs": epoch + 1, "source": self.cfg.manifest})
-        torch.save({"optimizer": self.opt.state_dict()}, os.path.join(d, "optimizer.pt"))
-        with open(os.path.join(d, "state.json"), "w") as f:
-            json.dump({"epoch": epoch}, f)
+        self.save_state(d, epoch)
 
     def load(self, d: str) -> int:
         from components.synthesis.ddpm import load
 
         self.model = load(os.path.join(d, "model"))[0]
-        with open(os.path.join(d, "state.json")) as f:
-            return int(json.load(f)["epoch"])
-
-    def load_optimizer(self, d: str) -> None:
-        import torch
-
-        self.opt.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), map_location="cpu",
-                                            weights_only=True)["optimizer"])
+        return self.saved_epoch(d)
 
 
-class _LoRATrainer:
+class _LoRATrainer(_Trainer):
     def __init__(self, cfg: SynthTrainConfig, device: Any):
         from components.synthesis import lora as lora_mod
         from components.synthesis.generators.diffusion import load_pipeline
@@ -203,13 +233,12 @@ class _LoRATrainer:
         self.pipe = load_pipeline(opts["model"], device=device)
         lora_mod.add_lora(self.pipe, rank=int(opts["rank"]), alpha=float(opts["alpha"]))
         self.model = self.pipe.unet
-        self.opt = None
         self.noise_scheduler = lora_mod.training_scheduler(self.pipe)
 
-    def build_optimizer(self) -> None:
-        import torch
+    def trainable(self) -> list[Any]:
+        from components.synthesis.lora import trainable_parameters
 
-        self.opt = torch.optim.AdamW([p for p in self.pipe.unet.parameters() if p.requires_grad], lr=self.cfg.lr)
+        return trainable_parameters(self.pipe)
 
     def step(self, b: dict[str, Any], device: Any, gen: Any) -> float:
         from components.synthesis import lora as lora_mod
@@ -219,27 +248,16 @@ class _LoRATrainer:
         return float(lora_mod.lora_training_step(self.pipe, batch, self.noise_scheduler, self.opt, generator=gen))
 
     def save(self, d: str, epoch: int) -> None:
-        import torch
-
         from components.synthesis import lora as lora_mod
 
         lora_mod.save_lora(self.pipe, os.path.join(d, "lora"))
-        torch.save({"optimizer": self.opt.state_dict()}, os.path.join(d, "optimizer.pt"))
-        with open(os.path.join(d, "state.json"), "w") as f:
-            json.dump({"epoch": epoch}, f)
+        self.save_state(d, epoch)
 
     def load(self, d: str) -> int:
         from components.synthesis import lora as lora_mod
 
         lora_mod.load_lora_state(self.pipe, os.path.join(d, "lora"))
-        with open(os.path.join(d, "state.json")) as f:
-            return int(json.load(f)["epoch"])
-
-    def load_optimizer(self, d: str) -> None:
-        import torch
-
-        self.opt.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), map_location="cpu",
-                                            weights_only=True)["optimizer"])
+        return self.saved_epoch(d)
 
 
 @dataclass

@@ -91,6 +91,11 @@ def test_own_ddpm_trains_and_generates_and_jobs_resume(ray_session, source):
         "storage": {"root": root}, "ray": {"progress_bars": False}}, "ddpm config")
     res = train_synth.run(cfg)
     assert res.final_loss is not None and np.isfinite(res.final_loss)
+    # the same name with more epochs resumes from the last checkpoint (weights, optimizer, epoch)
+    more = train_synth.run(cfg.model_copy(update={"epochs": 3}))
+    from components.synthesis import ddpm
+
+    assert more.out == res.out and ddpm.load(more.out)[1]["training"]["epochs"] == 3
     scfg = synth_cfg(root, man, "ddpm-set", generator={"name": "ddpm", "options": {"model": res.out, "steps": 4}})
     first = synthesize.run(scfg)
     check_shards(first, "ddpm")
