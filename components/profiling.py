@@ -1,7 +1,8 @@
 """Size and speed measurements for ``defectflow bench`` (plain functions, no Ray, no timed asserts).
 
 Throughput is measured at batch 1 because that is how a line camera feeds a detector; the thread count is set
-explicitly so numbers from different machines (and from the paper's "CPU FPS") can be compared.
+explicitly so numbers from different machines (and from the paper's "CPU FPS") can be compared. ONNX numbers run
+the graph :mod:`components.export` writes (the same exporter and parity check as ``defectflow export``).
 """
 
 from __future__ import annotations
@@ -9,19 +10,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import platform
+import tempfile
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from components.export import ONNX_INPUT, eval_mode, export_onnx, onnx_run, onnx_session
+
 log = logging.getLogger(__name__)
 
-ONNX_OPSET = 17
-ONNX_INPUT = "images"
-ONNX_OUTPUTS = ("score", "anomaly_map")
+__all__ = ["count_flops", "count_parameters", "cpu_throughput", "machine", "measure_detector", "onnx_export",
+           "onnx_run", "onnx_session", "onnx_throughput", "variant_label"]
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
@@ -31,16 +34,6 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 def _device(module: nn.Module) -> torch.device:
     p = next(module.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _eval(module: nn.Module) -> Iterator[nn.Module]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
 
 
 @contextlib.contextmanager
@@ -62,7 +55,7 @@ def count_flops(module: nn.Module, input_shape: Sequence[int]) -> dict[str, int]
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.rand(*input_shape, device=_device(module))
-    with _eval(module), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with eval_mode(module), torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(x)
     flops = int(counter.get_total_flops())
     return {"flops": flops, "macs": flops // 2}
@@ -73,7 +66,7 @@ def cpu_throughput(module: nn.Module, input_shape: Sequence[int], warmup: int = 
     """Eager images per second (``input_shape`` includes the batch dimension; use batch 1 for latency-bound FPS)."""
     x = torch.rand(*input_shape)
     module = module.to("cpu")
-    with _eval(module), _threads(threads), torch.inference_mode():
+    with eval_mode(module), _threads(threads), torch.inference_mode():
         for _ in range(warmup):
             module(x)
         start = time.perf_counter()
@@ -84,39 +77,8 @@ def cpu_throughput(module: nn.Module, input_shape: Sequence[int], warmup: int = 
 
 
 def onnx_export(detector: nn.Module, path: str | os.PathLike, input_size: Sequence[int]) -> str:
-    """Export the whole Detector (pre- and post-processing included) at a fixed input size.
-
-    ``images`` (1, 3, H, W) float in [0, 1] -> ``score`` (1,), ``anomaly_map`` (1, 1, H, W). The TorchScript-based
-    exporter is used: it needs no extra package (the dynamo exporter wants ``onnxscript``) and handles this graph.
-    """
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    h, w = (int(s) for s in input_size)
-    dummy = torch.rand(1, 3, h, w)
-    detector = detector.to("cpu")
-    with _eval(detector), torch.no_grad(), warnings.catch_warnings():
-        # shape checks become constants in the trace: intended, the export is for one fixed size
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(detector, (dummy,), path, input_names=[ONNX_INPUT], output_names=list(ONNX_OUTPUTS),
-                          opset_version=ONNX_OPSET, dynamo=False)
-    log.info("exported ONNX model (%dx%d) to %s", h, w, path)
-    return path
-
-
-def onnx_session(path: str | os.PathLike, threads: int | None = None) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-    return ort.InferenceSession(os.fspath(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def onnx_run(session: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(score, anomaly_map) from an onnxruntime session, as torch tensors."""
-    score, amap = session.run(list(ONNX_OUTPUTS), {ONNX_INPUT: images.detach().cpu().float().numpy()})
-    return torch.from_numpy(score), torch.from_numpy(amap)
+    """Deprecated alias of :func:`components.export.export_onnx` (fixed size, parity-checked); returns the path."""
+    return export_onnx(detector, os.fspath(path), input_size).uri
 
 
 def onnx_throughput(path: str | os.PathLike, input_shape: Sequence[int] | None = None, warmup: int = 5,
@@ -136,3 +98,39 @@ def onnx_throughput(path: str | os.PathLike, input_shape: Sequence[int] | None =
         session.run(None, feed)
     elapsed = time.perf_counter() - start
     return iters * int(input_shape[0]) / elapsed
+
+
+def variant_label(override: dict[str, Any], prefix: str = "") -> str:
+    """``{"n": 2, "backbone": {"name": "resnet18"}}`` -> ``"n=2,backbone.name=resnet18"`` (a bench row's name)."""
+    parts = []
+    for k, v in override.items():
+        key = f"{prefix}{k}"
+        parts.append(variant_label(v, key + ".") if isinstance(v, dict) and v else f"{key}={v}")
+    return ",".join(parts)
+
+
+def machine() -> dict[str, Any]:
+    """The hardware and software a benchmark ran on, recorded beside its figures."""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version()}
+
+
+def measure_detector(detector: nn.Module, size: int, *, iters: int, threads: int | None, onnx: bool,
+                     flops_of: nn.Module | None = None) -> dict[str, Any]:
+    """One benchmark row for a Detector at ``size``x``size``, batch 1: FLOPs/MACs (of ``flops_of``, default the whole
+    Detector), eager images/s, and, with ``onnx``, onnxruntime images/s of its exported graph with the exporter used
+    and the export's parity figures."""
+    shape = (1, 3, size, size)
+    fl = count_flops(flops_of if flops_of is not None else detector, shape)
+    eager = cpu_throughput(detector, shape, warmup=3, iters=iters, threads=threads)
+    row: dict[str, Any] = {"gflops": round(fl["flops"] / 1e9, 4), "gmacs": round(fl["macs"] / 1e9, 4),
+                           "eager_fps": round(eager, 2), "eager_ms": round(1000.0 / eager, 2)}
+    if onnx:
+        with tempfile.TemporaryDirectory(prefix="defectflow-bench-") as d:
+            res = export_onnx(detector, os.path.join(d, "model.onnx"), (size, size), allow_mismatch=True)
+            ort = onnx_throughput(res.uri, warmup=3, iters=iters, threads=threads)
+        diff = max(res.parity["score_max_abs_diff"], res.parity["anomaly_map_max_abs_diff"])
+        row.update({"onnx_fps": round(ort, 2), "onnx_ms": round(1000.0 / ort, 2), "onnx_exporter": res.exporter,
+                    "onnx_max_abs_diff": float(f"{diff:.3g}")})
+    return row

@@ -95,6 +95,39 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xla
     return buf.getvalue()
 
 
+def training_curves(history: Sequence[Mapping[str, Any]], chosen_epoch: int | None = None, title: str = "") -> bytes:
+    """The curves every training tool draws: losses (left) and validation metrics in [0, 1] (right) per epoch, with
+    the epoch that became the artifact marked. ``history`` is the per-epoch metrics (key ``epoch`` 1-based)."""
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = [int(h["epoch"]) for h in history]
+    for ax, keys in ((left, [k for k in _keys(history) if k.endswith("loss")]),
+                     (right, [k for k in _keys(history) if k.startswith("val_") and not k.endswith("loss")])):
+        for k in keys:
+            pts = [(e, float(h[k])) for e, h in zip(epochs, history, strict=True) if isinstance(h.get(k), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o" if len(pts) < 30 else None, markersize=3, label=k)
+        if chosen_epoch:
+            ax.axvline(chosen_epoch, color="grey", linestyle="--", linewidth=1, label=f"chosen (epoch {chosen_epoch})")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    left.set_title("losses")
+    right.set_title("validation")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _keys(history: Sequence[Mapping[str, Any]]) -> list[str]:
+    return sorted({k for h in history for k in h if k not in ("epoch", "epoch_time_s", "lr")})
+
+
 def contact_sheet(items: Sequence[Mapping[str, Any]], cols: int = 4) -> bytes:
     """PNG grid of samples, each the image with its mask's outline in red. Items: {"image", "mask", "title"}."""
     from scipy import ndimage

@@ -1,4 +1,6 @@
-"""URIs to filesystems, atomic writes, and the artifact layout.
+"""URIs to filesystems, atomic and create-only writes.
+
+Where each step's output lives below a storage root, and the model catalog, are :mod:`components.catalog`.
 
 Every path in defectflow is a URI: a local path (absolute, relative, or ``file://``) or ``s3://bucket/prefix``.
 One helper turns a URI into ``(filesystem, path)`` for fsspec, and one for pyarrow (which Ray Data and Ray Train
@@ -15,6 +17,7 @@ PUT (or a multipart upload, which only becomes visible on completion). Nothing h
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -65,6 +68,13 @@ def settings() -> S3Settings:
     return _settings.resolved()
 
 
+def worker_settings() -> dict[str, str | None]:
+    """Keyword arguments of :func:`configure` that reproduce this process's S3 settings in a Ray worker (tasks and
+    actors call ``storage.configure(**settings)`` first: they may run on nodes with another environment)."""
+    s = settings()
+    return {"endpoint_url": s.endpoint_url, "region": s.region}
+
+
 def env_vars() -> dict[str, str]:
     """Environment variables that reproduce this process's storage settings in Ray workers."""
     s = settings()
@@ -86,7 +96,8 @@ def is_remote(uri: str) -> bool:
 
 
 def normalize(uri: str | os.PathLike) -> str:
-    """Canonical form: ``s3://bucket/key`` (no trailing slash) or an absolute local path."""
+    """Canonical form: ``s3://bucket/key`` (no trailing slash) or an absolute local path (relative paths: see
+    :func:`_absolute_local`)."""
     uri = str(uri)
     if not uri:
         raise StorageError("empty path or URI", "give a local path or s3://bucket/prefix")
@@ -102,7 +113,52 @@ def normalize(uri: str | os.PathLike) -> str:
     if "://" in uri:
         scheme = uri.split("://", 1)[0]
         raise StorageError(f"unsupported URI scheme {scheme!r} in {uri!r}", "use a local path or s3://bucket/prefix")
-    return os.path.abspath(os.path.expanduser(uri))
+    return _absolute_local(uri)
+
+
+# The submitter's working directory, which cluster/submit.sh passes to the job: relative local paths resolve there.
+WORKDIR_ENV = "DEFECTFLOW_WORKDIR"
+# Ray's job supervisor sets this in the environment of every `ray job submit` entrypoint (the job's driver).
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+# Relative paths a plain `ray job submit` driver resolved into its working-dir copy (resolved -> as given).
+_unanchored: dict[str, str] = {}
+
+
+def _absolute_local(path: str) -> str:
+    """A local path made absolute.
+
+    A Ray job runs in Ray's per-session copy of its working dir (``.../runtime_resources/working_dir_files/
+    _ray_pkg_<hash>``), which is deleted with the session: outputs written relative to it are lost. So relative paths
+    resolve against ``DEFECTFLOW_WORKDIR`` when it is set, and a job driver without it refuses them. The refusal
+    comes when such a path is used (normalized again, as every storage operation does), not when it is first
+    resolved: config defaults such as ``storage.root: ./defectflow-data`` are validated when modules are imported.
+    """
+    path = os.path.expanduser(path)
+    if os.path.isabs(path):
+        path = os.path.abspath(path)
+        for resolved, given in _unanchored.items():
+            if path == resolved or path.startswith(resolved + os.sep):
+                raise StorageError(
+                    f"relative local path {given!r} in a Ray job (storage.root defaults to ./defectflow-data): it "
+                    f"resolves inside the job's temporary copy of the working dir ({os.getcwd()}), which Ray "
+                    "deletes with the session",
+                    f"submit with cluster/submit.sh (it passes your directory as {WORKDIR_ENV}), or set "
+                    f"{WORKDIR_ENV} to an absolute directory in the job's runtime_env env_vars, or give an absolute "
+                    "path that every node can reach or s3://bucket/prefix")
+        return path
+    base = os.environ.get(WORKDIR_ENV)
+    if base:
+        base = os.path.expanduser(base)
+        if not os.path.isabs(base):
+            raise StorageError(f"{WORKDIR_ENV}={base!r} is not an absolute path",
+                               f"set {WORKDIR_ENV} to the directory relative paths are meant from, e.g. \"$PWD\"")
+        return os.path.abspath(os.path.join(base, path))
+    resolved = os.path.abspath(path)
+    if os.environ.get(RAY_JOB_ENV):
+        _unanchored[resolved] = path
+    return resolved
 
 
 def join(uri: str, *parts: str) -> str:
@@ -361,6 +417,51 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
+def create_only(uri: str, data: bytes) -> bool:
+    """Write ``data`` to ``uri`` only if nothing is there yet; True when this call created it.
+
+    The one race-free way to claim a name (a model version, say) among concurrent writers: an exclusive create
+    locally, a conditional PUT (``If-None-Match: *``) on S3, which S3 and S3-compatible stores answer with 412 when
+    the key exists. Locally the claim is visible before its content is complete, so claim files carry no payload
+    that readers depend on.
+    """
+    uri = normalize(uri)
+    if is_s3(uri):
+        bucket, _, key = strip_scheme(uri).partition("/")
+        with _errors("create", uri):
+            try:
+                _s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            except Exception as e:
+                code = str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    return False
+                raise
+        return True
+    with _errors("create", uri):
+        os.makedirs(os.path.dirname(uri) or ".", exist_ok=True)
+        try:
+            fd = os.open(uri, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+
+
+def _s3_client() -> Any:
+    """A boto3 S3 client with this process's endpoint/region (s3fs has no conditional PUT)."""
+    s = settings()
+    key = ("boto3-s3", s.endpoint_url, s.region)
+    with _lock:
+        client = _fs_cache.get(key)
+        if client is None:
+            import boto3
+
+            client = boto3.client("s3", endpoint_url=s.endpoint_url, region_name=s.region)
+            _fs_cache[key] = client
+    return client
+
+
 def upload_file(local: str, uri: str) -> None:
     """Atomically copy a local file to ``uri``."""
     uri = normalize(uri)
@@ -431,110 +532,44 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> Any:
         return pq.read_table(path, filesystem=fs, columns=columns)
 
 
-# -------------------------------------------------------------------------------------------- layout
+# ------------------------------------------------------------------------------------- local copies
+
+_cache_lock = threading.Lock()
+_local_copies: dict[str, str] = {}
 
 
-class Layout:
-    """Where each step's output lives below one root URI (local folder or S3 prefix).
-
-    ::
-
-        <root>/datasets/<name>/manifest.parquet        ingest
-        <root>/synthetic/<name>/                        synthesize
-        <root>/features/<backbone>/<dataset>/           features
-        <root>/runs/<run>/                              Ray Train / Tune run storage, checkpoints
-        <root>/models/<name>/<version>/                 artifacts (model.safetensors, detector.json, metrics.json)
-        <root>/models/<name>/aliases.json               {"production": "3", ...}
-        <root>/reports/<name>/                          evaluation/sweep reports, sheets, plots
-    """
-
-    def __init__(self, root: str):
-        self.root = normalize(root)
-
-    def dataset(self, name: str) -> str:
-        return join(self.root, "datasets", name)
-
-    def manifest(self, name: str) -> str:
-        return join(self.root, "datasets", name, "manifest.parquet")
-
-    def synthetic(self, name: str) -> str:
-        return join(self.root, "synthetic", name)
-
-    def features(self, backbone: str, dataset: str) -> str:
-        return join(self.root, "features", backbone, dataset)
-
-    def runs(self) -> str:
-        return join(self.root, "runs")
-
-    def run(self, name: str) -> str:
-        return join(self.root, "runs", name)
-
-    def models(self, name: str) -> str:
-        return join(self.root, "models", name)
-
-    def model(self, name: str, version: str) -> str:
-        return join(self.root, "models", name, str(version))
-
-    def reports(self, name: str) -> str:
-        return join(self.root, "reports", name)
-
-    # ---- registry
-
-    def versions(self, name: str) -> list[str]:
-        """Registered versions of a model, oldest first (versions are increasing integers)."""
-        out = []
-        for child in listdir(self.models(name)):
-            v = basename(child)
-            if v.isdigit() and exists(join(child, "detector.json")):
-                out.append(v)
-        return sorted(out, key=int)
-
-    def next_version(self, name: str) -> str:
-        existing = [int(basename(c)) for c in listdir(self.models(name)) if basename(c).isdigit()]
-        return str(max(existing, default=0) + 1)
-
-    def aliases(self, name: str) -> dict[str, str]:
-        uri = join(self.models(name), "aliases.json")
-        return read_json(uri) if exists(uri) else {}
-
-    def set_alias(self, name: str, alias: str, version: str) -> None:
-        if str(version) not in self.versions(name):
-            raise StorageError(f"model {name} has no version {version}",
-                               f"registered versions: {self.versions(name) or 'none'}")
-        aliases = self.aliases(name)
-        aliases[alias] = str(version)
-        write_json(join(self.models(name), "aliases.json"), aliases)
+def cache_root() -> str:
+    return os.environ.get("DEFECTFLOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "defectflow")
 
 
-def resolve_model(uri: str) -> str:
-    """Resolve a model reference to the URI of an artifact directory holding ``detector.json``.
-
-    Accepted forms: an artifact directory; ``<root>/models/<name>`` (alias "production" if set, else the newest
-    version); ``<root>/models/<name>@<alias or version>``.
-    """
-    ref = str(uri)
-    selector = None
-    if "@" in ref.rsplit("/", 1)[-1]:
-        ref, selector = ref.rsplit("@", 1)
-    ref = normalize(ref)
-    if selector is None and exists(join(ref, "detector.json")):
-        return ref
-    models_dir, name = parent(ref), basename(ref)
-    layout = Layout(parent(models_dir))
-    versions = layout.versions(name)
-    if not versions:
-        raise StorageError(f"no model artifact at {uri}",
-                           "pass an artifact folder (with detector.json) or <root>/models/<name>[@alias|@version]")
-    aliases = layout.aliases(name)
-    if selector is None:
-        version = aliases.get("production", versions[-1])
-    elif selector in aliases:
-        version = aliases[selector]
-    elif selector == "latest":
-        version = versions[-1]
-    elif selector in versions:
-        version = selector
-    else:
-        raise StorageError(f"model {name} has no alias or version {selector!r}",
-                           f"versions: {versions}; aliases: {sorted(aliases) or 'none'}")
-    return layout.model(name, version)
+def cached_local_dir(uri: str) -> str:
+    """A local folder with the content of ``uri``: the folder itself when local; for S3 a copy below
+    ``$DEFECTFLOW_CACHE/copies`` made once per process (and reused by later processes: the cache is keyed by
+    URI, so publish a changed model under a new URI). Concurrent workers each download to a temporary folder and
+    the first rename wins, so nobody reads a half-copied pipeline."""
+    uri = normalize(uri)
+    if not is_s3(uri):
+        return uri
+    with _cache_lock:
+        if uri in _local_copies and os.path.isdir(_local_copies[uri]):
+            return _local_copies[uri]
+        target = os.path.join(cache_root(), "copies", hashlib.sha256(uri.encode()).hexdigest()[:24])
+        if not os.path.isdir(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            log.info("downloading %s to %s", uri, target)
+            tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(target))
+            try:
+                with local_path(uri) as src:
+                    if os.path.isdir(src):
+                        shutil.copytree(src, tmp, dirs_exist_ok=True)
+                    else:
+                        shutil.copy2(src, tmp)
+                try:
+                    os.replace(tmp, target)
+                except OSError:  # another process finished first: use its copy
+                    shutil.rmtree(tmp, ignore_errors=True)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        _local_copies[uri] = target
+        return target

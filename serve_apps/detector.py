@@ -7,7 +7,9 @@
 
 Errors: 415 when the upload is not an image, 400 when it is damaged/empty, 413 when it exceeds the byte or pixel
 limit. Run locally with ``defectflow serve --model <uri>``, or on a cluster with ``serve deploy
-serve_apps/detector.yaml`` (``user_config`` changes hot-swap the model in place through ``reconfigure``).
+serve_apps/detector.yaml``: ``build_app`` takes the ``defectflow serve`` config keys as ``args`` (validated, unknown
+keys rejected), and a change of only ``user_config: {model_uri, threshold}`` hot-swaps the model in the running
+replicas through ``reconfigure`` (the new model must pass a tiny inference before it replaces the old one).
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` annotation of the routes that
@@ -22,9 +24,13 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
-from components import artifact, storage
+from components import artifact, catalog, storage
+from components import config as cfgmod
+from components.config import ServeConfig
 from components.data.images import (
     DEFAULT_MAX_PIXELS,
     ImageTooLargeError,
@@ -32,7 +38,7 @@ from components.data.images import (
     decode_image,
     encode_png,
 )
-from components.errors import DataError
+from components.errors import ConfigError, DataError
 from components.inference import infer, map_to_png_array, pick_device
 
 log = logging.getLogger("defectflow.serve")
@@ -41,6 +47,22 @@ app = FastAPI(title="defectflow detector", version="1",
               description="Defect score, decision and defect map for one product-surface image.")
 
 IMAGE_FIELDS = ("image", "file")
+
+
+class UserConfig(BaseModel):
+    """The ``user_config`` of the Detector deployment: what ``reconfigure`` may swap without a restart."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_uri: str | None = Field(None, description="artifact URI or <root>/models/<name>[@alias]; null: the args'")
+    threshold: float | None = Field(None, gt=0, lt=1, description="null: the args' threshold, else the artifact's")
+
+
+def smoke_test(detector: Any, device: Any) -> None:
+    """One tiny real inference; raises unless it yields a finite score and map (a NaN model is a broken model)."""
+    score, prob = infer(detector, np.zeros((32, 32, 3), np.float32), device)
+    if not (np.isfinite(score) and np.isfinite(prob).all()):
+        raise RuntimeError(f"detector smoke test failed: non-finite output (score {score})")
 
 
 class DetectorService:
@@ -55,27 +77,38 @@ class DetectorService:
         self.device = pick_device(use_gpu)
         self._lock = threading.Lock()
         self._model: tuple[Any, dict[str, Any], float] | None = None
+        self._loaded_ref: str | None = None  # the reference the current model was loaded from
+        self._base_uri = model_uri  # what the app was built with; a user_config model_uri overrides it
         self._threshold_override = threshold
         if model_uri:
-            self._load(model_uri, threshold)
+            # No smoke test here: Serve's initial health check runs the same inference before traffic arrives.
+            self._load(model_uri, threshold, verify=False)
 
-    def _load(self, model_uri: str, threshold: float | None) -> None:
+    def _load(self, model_uri: str, threshold: float | None, verify: bool = True) -> None:
         detector, meta = artifact.load(model_uri, device=self.device)
+        if verify:
+            smoke_test(detector, self.device)
         thr = float(threshold if threshold is not None else meta.get("threshold", 0.5))
         with self._lock:
             self._model = (detector, meta, thr)
+            self._loaded_ref = model_uri
         log.info("serving %s (%s), threshold %.3f", meta["uri"], meta["family"], thr)
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Hot-swap: a new ``model_uri`` and/or ``threshold`` from the Serve config."""
-        uri = user_config.get("model_uri")
-        thr = user_config.get("threshold", self._threshold_override)
-        if uri:
+    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """Hot-swap to the user_config's ``model_uri``/``threshold`` (unset keys fall back to the app's args).
+
+        A new model is loaded and smoke-tested before it replaces the current one, so a broken artifact fails the
+        update (Serve reports it) instead of answering requests. Unknown keys are rejected.
+        """
+        cfg = cfgmod.validate(UserConfig, dict(user_config or {}), "user_config of the Detector deployment")
+        uri = cfg.model_uri or self._base_uri
+        thr = cfg.threshold if cfg.threshold is not None else self._threshold_override
+        if uri and uri != self._loaded_ref:
             self._load(uri, thr)
-        elif self._model is not None and thr is not None:
+        elif self._model is not None:
             det, meta, _ = self._model
             with self._lock:
-                self._model = (det, meta, float(thr))
+                self._model = (det, meta, float(thr if thr is not None else meta.get("threshold", 0.5)))
 
     def _current(self) -> tuple[Any, dict[str, Any], float]:
         if self._model is None:
@@ -89,9 +122,9 @@ class DetectorService:
                 "threshold": thr}
 
     def check_health(self) -> None:
-        """A real tiny inference: the default check cannot see a stuck model (ray-project/ray#61263)."""
+        """A real tiny inference: the default check cannot see a stuck or broken model (ray-project/ray#61263)."""
         det, _, _ = self._current()
-        infer(det, np.zeros((32, 32, 3), np.float32), self.device)
+        smoke_test(det, self.device)
 
     def detect_bytes(self, data: bytes) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -155,19 +188,56 @@ def build(model_uri: str, *, threshold: float | None = None, num_replicas: int =
           num_gpus: float = 0.0, max_upload_bytes: int = 32 * 1024 * 1024,
           max_image_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
     """The bound Serve application for one model."""
-    s = storage.settings()
     return DetectorDeployment.options(
         num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-    ).bind(model_uri=storage.resolve_model(model_uri), threshold=threshold,
-           storage_env={"endpoint_url": s.endpoint_url, "region": s.region}, max_upload_bytes=max_upload_bytes,
+    ).bind(model_uri=catalog.resolve_model(model_uri), threshold=threshold,
+           storage_env=storage.worker_settings(), max_upload_bytes=max_upload_bytes,
            max_image_pixels=max_image_pixels, use_gpu=num_gpus > 0)
 
 
+# ServeConfig keys that are not the app's to take: where they go instead.
+_NOT_APP_ARGS = {
+    "host": "the serve config's http_options.host",
+    "port": "the serve config's http_options.port",
+    "route_prefix": "the application's route_prefix in the serve config",
+    "ray": "nothing: a deployed app runs on the cluster it is deployed to",
+}
+
+
+def app_config(args: dict[str, Any]) -> ServeConfig:
+    """The ``args`` of a serve config (or ``serve run ... key=value``) -> a validated :class:`ServeConfig`.
+
+    Keys are those of ``defectflow serve --config`` (``model_uri`` is accepted for ``model``; dotted keys such as
+    ``storage.s3_endpoint_url`` nest); unknown keys and keys that belong elsewhere in the serve config fail.
+    """
+    data: dict[str, Any] = {}
+    for key, value in dict(args or {}).items():
+        entry: dict[str, Any] = {}
+        cfgmod.set_dotted(entry, str(key), value)
+        data = cfgmod.deep_merge(data, entry)
+    misplaced = [f"{k} (set it in {_NOT_APP_ARGS[k]})" for k in data if k in _NOT_APP_ARGS]
+    if misplaced:
+        raise ConfigError(f"serve_apps.detector args: {', '.join(misplaced)} is not an app argument",
+                          "remove it from args")
+    if "model_uri" in data:
+        if "model" in data:
+            raise ConfigError("serve_apps.detector args: both model and model_uri are set", "keep model_uri")
+        data["model"] = data.pop("model_uri")
+    if not data.get("model"):
+        raise ConfigError("serve_apps.detector needs the argument model_uri=<artifact URI>",
+                          "add model_uri to the application's args")
+    return cfgmod.validate(ServeConfig, data, "serve_apps.detector args")
+
+
 def build_app(args: dict[str, Any]) -> Any:
-    """Application builder for ``serve run serve_apps.detector:build_app model_uri=...`` and serve configs."""
-    uri = args.get("model_uri")
-    if not uri:
-        raise ValueError("serve_apps.detector needs the argument model_uri=<artifact URI>")
-    return build(uri, threshold=float(args["threshold"]) if args.get("threshold") else None,
-                 num_replicas=int(args.get("num_replicas", 1)), num_cpus=float(args.get("num_cpus", 0.5)),
-                 num_gpus=float(args.get("num_gpus", 0)))
+    """Application builder for serve configs (``import_path: serve_apps.detector:build_app``) and
+    ``serve run serve_apps.detector:build_app model_uri=...``; see :func:`app_config` for the args."""
+    try:
+        cfg = app_config(args)
+    except ConfigError as e:
+        # A bad config fails the same way every time: a RayServeException makes Serve report it at once, where any
+        # other exception has the build task retried three times (about 20 s here) before the deploy fails.
+        raise RayServeException(str(e)) from e
+    cfg.storage.apply()  # the model reference is resolved here, in the build task, and replicas inherit the settings
+    return build(cfg.model, threshold=cfg.threshold, num_replicas=cfg.num_replicas, num_cpus=cfg.num_cpus,
+                 num_gpus=cfg.num_gpus, max_upload_bytes=cfg.max_upload_bytes, max_image_pixels=cfg.max_image_pixels)

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
-from components import artifact, report, storage
+from components import artifact, catalog, report, storage
 from components import config as cfgmod
 from components.config import EvalSettings, RayConfig, StorageConfig
 from components.data import manifest
@@ -28,6 +29,8 @@ from components.data.images import DEFAULT_MAX_PIXELS, resize_image, resize_mask
 from components.errors import DataError
 from components.inference import infer, pick_device
 from components.metrics.aggregate import image_stats, summarize
+from workflows import console
+from workflows.command import Command, main
 
 log = logging.getLogger("defectflow.evaluate")
 
@@ -46,37 +49,45 @@ def _thumb(arr: np.ndarray, is_mask: bool = False) -> np.ndarray:
 
 
 class Scorer:
-    """Ray Data actor: artifact loaded once; per-image stats out. Also usable without Ray (call it on a batch)."""
+    """Ray Data actor: artifact loaded once; per-image stats out. Also usable without Ray (call it on a batch).
+    An image (or mask) that cannot be decoded gets a row with its ``error`` and no stats: reported, not fatal."""
 
-    def __init__(self, model_uri: str, threshold: float | None = None, storage_env: dict[str, Any] | None = None,
-                 sheet_ids: list[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, use_gpu: bool = False):
-        storage.configure(**(storage_env or {}))
+    def __init__(self, model_uri: str, threshold: float | None = None,
+                 storage_settings: dict[str, Any] | None = None, sheet_ids: list[str] | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, use_gpu: bool = False):
+        storage.configure(**(storage_settings or {}))
         self.device = pick_device(use_gpu)
         self.detector, meta = artifact.load(model_uri, device=self.device)
         self.threshold = float(threshold if threshold is not None else pixel_threshold(meta))
         self.sheet_ids = set(sheet_ids or [])
         self.max_pixels = max_pixels
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        ids, labels, scores, stats, thumbs = [], [], [], [], []
-        for rec in batch.to_pylist():
+    def score(self, rec: dict[str, Any]) -> dict[str, Any]:
+        try:
             img = manifest.load_image(rec, max_pixels=self.max_pixels)
             mask = manifest.load_mask(rec, shape=img.shape[:2], max_pixels=self.max_pixels)
-            score, prob = infer(self.detector, img, self.device)
-            ids.append(rec["sample_id"])
-            labels.append(rec.get("label"))
-            scores.append(score)
-            stats.append(json.dumps(image_stats(prob, mask, threshold=self.threshold)))
-            if rec["sample_id"] in self.sheet_ids:
-                buf = io.BytesIO()
-                np.savez_compressed(buf, image=_thumb(img), prob=_thumb(prob),
-                                    mask=_thumb(mask, True) if mask is not None else np.zeros((0, 0), np.uint8))
-                thumbs.append(buf.getvalue())
-            else:
-                thumbs.append(None)
-        return pa.table({"sample_id": pa.array(ids, pa.string()), "label": pa.array(labels, pa.int8()),
-                         "score": pa.array(scores, pa.float64()), "stats": pa.array(stats, pa.string()),
-                         "thumb": pa.array(thumbs, pa.binary())})
+        except DataError as e:
+            log.warning("skipping %s: %s", rec["sample_id"], e.message)
+            return {"score": None, "stats": None, "thumb": None, "error": e.message}
+        score, prob = infer(self.detector, img, self.device)
+        thumb = None
+        if rec["sample_id"] in self.sheet_ids:
+            buf = io.BytesIO()
+            np.savez_compressed(buf, image=_thumb(img), prob=_thumb(prob),
+                                mask=_thumb(mask, True) if mask is not None else np.zeros((0, 0), np.uint8))
+            thumb = buf.getvalue()
+        return {"score": score, "stats": json.dumps(image_stats(prob, mask, threshold=self.threshold)),
+                "thumb": thumb, "error": None}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        recs = batch.to_pylist()
+        out = [self.score(r) for r in recs]
+        return pa.table({"sample_id": pa.array([r["sample_id"] for r in recs], pa.string()),
+                         "label": pa.array([r.get("label") for r in recs], pa.int8()),
+                         "score": pa.array([o["score"] for o in out], pa.float64()),
+                         "stats": pa.array([o["stats"] for o in out], pa.string()),
+                         "thumb": pa.array([o["thumb"] for o in out], pa.binary()),
+                         "error": pa.array([o["error"] for o in out], pa.string())})
 
 
 @dataclass
@@ -85,6 +96,7 @@ class EvalResult:
     per_image: list[dict[str, Any]] = field(default_factory=list)
     sheet_png: bytes | None = None
     report_uri: str | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)  # images that could not be decoded, with why
 
 
 def pick_sheet_ids(table: pa.Table, n: int) -> list[str]:
@@ -106,7 +118,7 @@ def evaluate(model_uri: str, table: pa.Table, *, split: str = "test", threshold:
     """Evaluate an artifact on ``split`` of a manifest table (Ray must be initialised)."""
     import ray.data
 
-    model_uri = storage.resolve_model(model_uri)
+    model_uri = catalog.resolve_model(model_uri)
     meta = artifact.read_meta(model_uri)
     thr = float(threshold if threshold is not None else pixel_threshold(meta))
     sub = table.filter(pc.equal(table["split"], split)) if split != "all" else table
@@ -114,11 +126,12 @@ def evaluate(model_uri: str, table: pa.Table, *, split: str = "test", threshold:
         raise DataError(f"the manifest has no rows in split {split!r}", f"splits present: "
                         f"{sorted(set(table['split'].to_pylist()))}")
     sheet_ids = pick_sheet_ids(sub, sheet_images)
-    log.info("evaluating %s on %d %s images with %d actor(s)", model_uri, sub.num_rows, split, num_actors)
+    log.info("evaluating on %d %s image(s) with %d actor(s)", sub.num_rows, split, num_actors)
+    log.debug("model %s", model_uri)
     ds = ray.data.from_arrow(sub)
     ds = ds.map_batches(
         Scorer,
-        fn_constructor_kwargs={"model_uri": model_uri, "threshold": thr, "storage_env": _storage_env(),
+        fn_constructor_kwargs={"model_uri": model_uri, "threshold": thr, "storage_settings": storage.worker_settings(),
                                "sheet_ids": sheet_ids, "max_pixels": max_pixels, "use_gpu": use_gpu},
         batch_size=batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=num_actors),
@@ -148,19 +161,24 @@ def decision_metrics(labels: list[int | None], scores: list[float], threshold: f
             "decision_precision": prec, "decision_recall": rec, "decision_f1": f1}
 
 
-def _storage_env() -> dict[str, Any]:
-    s = storage.settings()
-    return {"endpoint_url": s.endpoint_url, "region": s.region}
-
-
 def _aggregate(rows: list[dict[str, Any]], thr: float, seg_iou_threshold: float, model_uri: str,
                split: str, decision_threshold: float | None = None) -> EvalResult:
     rows = sorted(rows, key=lambda r: r["sample_id"])
+    skipped = [{"sample_id": r["sample_id"], "reason": r["error"]} for r in rows if r.get("error")]
+    rows = [r for r in rows if not r.get("error")]
+    if not rows:
+        raise DataError(f"no image of split {split!r} could be decoded ({len(skipped)} tried), e.g. "
+                        f"{skipped[0]['sample_id']}: {skipped[0]['reason']}" if skipped else
+                        f"split {split!r} is empty", "check the manifest's files (defectflow ingest verifies them)")
+    if skipped:
+        log.warning("%d %s image(s) could not be decoded and are not scored, e.g. %s: %s", len(skipped), split,
+                    skipped[0]["sample_id"], skipped[0]["reason"])
     stats = [json.loads(r["stats"]) for r in rows]
     labels = [None if r["label"] is None else int(r["label"]) for r in rows]
     scores = [float(r["score"]) for r in rows]
     metrics = summarize(stats, labels, scores, seg_iou_threshold=seg_iou_threshold)
-    metrics.update({"split": split, "pixel_threshold": thr, "seg_iou_threshold": seg_iou_threshold})
+    metrics.update({"split": split, "pixel_threshold": thr, "seg_iou_threshold": seg_iou_threshold,
+                    "n_skipped": len(skipped)})
     if decision_threshold is not None:
         metrics.update(decision_metrics(labels, scores, decision_threshold))
     sheet_rows = []
@@ -173,7 +191,7 @@ def _aggregate(rows: list[dict[str, Any]], thr: float, seg_iou_threshold: float,
     sheet = report.prediction_sheet(sheet_rows, title=f"{model_uri} · {split}") if sheet_rows else None
     per_image = [{"sample_id": r["sample_id"], "label": lab, "score": s, "iou": st.get("iou")}
                  for r, lab, s, st in zip(rows, labels, scores, stats, strict=True)]
-    return EvalResult(metrics=metrics, per_image=per_image, sheet_png=sheet)
+    return EvalResult(metrics=metrics, per_image=per_image, sheet_png=sheet, skipped=skipped)
 
 
 def calibrate(model_uri: str, table: pa.Table, setting: float | str = "auto", *, pixel_threshold: float = 0.5,
@@ -222,9 +240,13 @@ def write_report(result: EvalResult, out_uri: str, title: str = "Evaluation") ->
     storage.write_text(storage.join(out_uri, "per_image.csv"), "\n".join(lines) + "\n")
     if result.sheet_png:
         storage.write_bytes(storage.join(out_uri, "sheet.png"), result.sheet_png)
+    if result.skipped:
+        storage.write_json(storage.join(out_uri, "skipped.json"), result.skipped)
     md = [f"# {title}\n", report.markdown_table([{"metric": k, "value": v} for k, v in result.metrics.items()])]
     if result.sheet_png:
         md.append("\n![predictions](sheet.png)\n")
+    if result.skipped:
+        md.append(f"\n{len(result.skipped)} image(s) could not be decoded and were not scored (skipped.json).\n")
     storage.write_text(storage.join(out_uri, "report.md"), "\n".join(md))
     result.report_uri = out_uri
     return out_uri
@@ -247,9 +269,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class EvaluateConfig(cfgmod.Strict):
-    eval: EvalSettings = EvalSettings()
-    storage: StorageConfig = StorageConfig()
-    ray: RayConfig = RayConfig()
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
 
 def run_cli(args: argparse.Namespace) -> EvalResult:
@@ -259,7 +281,7 @@ def run_cli(args: argparse.Namespace) -> EvalResult:
     layout = cfg.storage.apply()
     init_ray(cfg.ray, cfg.storage)
     table = manifest.read(args.manifest)
-    model_uri = storage.resolve_model(args.model)
+    model_uri = catalog.resolve_model(args.model)
     if args.calibrate:
         calibrate(model_uri, table, "auto", pixel_threshold=pixel_threshold(artifact.read_meta(model_uri)),
                   margin=cfg.eval.threshold_margin, batch_size=cfg.eval.batch_size, num_actors=cfg.eval.num_actors)
@@ -268,15 +290,16 @@ def run_cli(args: argparse.Namespace) -> EvalResult:
                       num_actors=cfg.eval.num_actors, sheet_images=cfg.eval.sheet_images)
     name = "-".join(model_uri.rstrip("/").split("/")[-2:])
     out = args.out or layout.reports(f"eval-{name}-{args.split}")
+    console.keep_log_in(out)
     write_report(result, out, title=f"Evaluation of {model_uri} on {args.split}")
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    from workflows.cli import run_command
+def _report(res: EvalResult) -> str:
+    return "\n".join([f"{k:>22}: {v}" for k, v in res.metrics.items()] + [f"report: {res.report_uri}"])
 
-    return run_command("evaluate", argv)
 
+COMMAND = Command("evaluate", "metrics of a model on a manifest split (Ray Data)", add_arguments, run_cli, _report)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(COMMAND))

@@ -1,44 +1,36 @@
 """features: compute a model family's frozen features once, on a Ray Data actor pool, as Parquet shards.
 
-    defectflow features --config workflows/configs/features_ssn_procedural.yaml
+    defectflow features --config workflows/configs/ssn_full.yaml          # a train config, or a features config
     python -m workflows.features --config ...
 
 A frozen backbone dominates SuperSimpleNet's cost on a CPU; computing its (upscaled, pooled) feature maps once lets
-the heads train for many epochs from the cache (``data.features`` in a train config). Shards hold ``shard_size``
-samples each (sorted by sample id) and are named after their ids, so re-running skips every shard already written
-and a killed job loses at most the shards in flight. The folder's ``_signature.json`` records what the features
-depend on (backbone, layers, weights, input size, normalisation); a cache with another signature is never reused.
-
-Shard schema: ``sample_id`` (string), ``features`` (binary: C*h*w values of ``dtype``), ``shape`` (list<int32>),
-``dtype`` (string).
+the heads train for many epochs from the cache (``data.features`` in a train config). The format (signature, shards
+named after their ids, index written last) is :mod:`components.data.feature_cache`: re-running skips every shard
+already written, so a killed job loses at most the shards in flight.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from components import catalog, storage
 from components import config as cfgmod
-from components import storage
 from components.config import FeaturesConfig, TrainConfig
-from components.data import manifest
-from components.data.images import resize_image
+from components.data import feature_cache, manifest
 from components.errors import ConfigError, DataError
 from components.models import registry
+from workflows import console
+from workflows.command import Command, add_config_options, main
 
 log = logging.getLogger("defectflow.features")
-
-SIGNATURE = "_signature.json"
-INDEX = "_index.json"  # the shards of the latest complete run: readers use these and nothing else
 
 
 def build_detector(cfg: FeaturesConfig) -> Any:
@@ -50,74 +42,28 @@ def build_detector(cfg: FeaturesConfig) -> Any:
     return det.eval()
 
 
-def signature_digest(sig: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def default_out(cfg: FeaturesConfig, sig: dict[str, Any], layout: storage.Layout, dataset: str) -> str:
+def default_out(cfg: FeaturesConfig, sig: dict[str, Any], layout: catalog.Layout, dataset: str) -> str:
     backbone = str(sig.get("extractor", {}).get("name", cfg.model.family)).replace("/", "_")
-    return storage.join(layout.features(backbone, dataset), signature_digest(sig))
-
-
-def shard_plan(ids: list[str], shard_size: int) -> list[tuple[str, list[str]]]:
-    """(shard file name, sample ids) for ids sorted; the name depends on the ids only."""
-    ids = sorted(ids)
-    plan = []
-    for k in range(0, len(ids), shard_size):
-        chunk = ids[k:k + shard_size]
-        h = hashlib.sha256("\n".join(chunk).encode()).hexdigest()[:10]
-        plan.append((f"part-{k // shard_size:05d}-{h}.parquet", chunk))
-    return plan
+    return storage.join(layout.features(backbone, dataset), feature_cache.signature_digest(sig))
 
 
 class FeatureWriter:
-    """Ray Data actor: loads the extractor and the manifest once; each call computes and writes whole shards."""
+    """Ray Data actor around :class:`feature_cache.ShardWriter`: the extractor and the manifest load once."""
 
-    def __init__(self, cfg: dict[str, Any], out_uri: str, storage_env: dict[str, Any], use_gpu: bool):
-        import torch
-
+    def __init__(self, cfg: dict[str, Any], out_uri: str, storage_settings: dict[str, Any], use_gpu: bool):
         from components.inference import pick_device
 
-        storage.configure(**storage_env)
-        self.cfg = FeaturesConfig.model_validate(cfg)
-        self.out = out_uri
-        self.device = pick_device(use_gpu)
-        self.detector = build_detector(self.cfg).to(self.device)
-        table = manifest.read(self.cfg.manifest)
-        self.rows = {r["sample_id"]: r for r in table.to_pylist()}
-        self.dtype = np.float16 if self.cfg.features.dtype == "float16" else np.float32
-        self.torch = torch
-
-    def _features(self, images: list[np.ndarray]) -> np.ndarray:
-        torch = self.torch
-        x = torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy()).to(self.device)
-        with torch.inference_mode():
-            f = self.detector.extract(self.detector.preprocess(x))
-        return f.float().cpu().numpy().astype(self.dtype)
-
-    def write_shard(self, name: str, ids: list[str]) -> dict[str, Any]:
-        t0 = time.time()
-        size = tuple(self.cfg.image_size)
-        bs = self.cfg.features.batch_size
-        feats: list[np.ndarray] = []
-        for k in range(0, len(ids), bs):
-            imgs = [resize_image(manifest.load_image(self.rows[i], max_pixels=self.cfg.max_image_pixels), size)
-                    for i in ids[k:k + bs]]
-            feats.extend(self._features(imgs))
-        shape = list(feats[0].shape)
-        table = pa.table({
-            "sample_id": pa.array(ids, pa.string()),
-            "features": pa.array([f.tobytes() for f in feats], pa.binary()),
-            "shape": pa.array([shape] * len(ids), pa.list_(pa.int32())),
-            "dtype": pa.array([self.cfg.features.dtype] * len(ids), pa.string()),
-        })
-        storage.write_parquet(table, storage.join(self.out, name))
-        return {"shard": name, "rows": len(ids), "seconds": round(time.time() - t0, 2)}
+        storage.configure(**storage_settings)
+        c = FeaturesConfig.model_validate(cfg)
+        rows = {r["sample_id"]: r for r in manifest.read(c.manifest).to_pylist()}
+        self.writer = feature_cache.ShardWriter(build_detector(c), rows, out_uri, c.image_size,
+                                                batch_size=c.features.batch_size, dtype=c.features.dtype,
+                                                max_pixels=c.max_image_pixels, device=pick_device(use_gpu))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        done = [self.write_shard(str(n), json.loads(i)) for n, i in zip(batch["shard"], batch["ids"], strict=True)]
+        done = [self.writer.write(str(n), json.loads(i)) for n, i in zip(batch["shard"], batch["ids"], strict=True)]
         return {"shard": [d["shard"] for d in done], "rows": [d["rows"] for d in done],
-                "seconds": [d["seconds"] for d in done]}
+                "skipped": [json.dumps(d["skipped"]) for d in done], "seconds": [d["seconds"] for d in done]}
 
 
 @dataclass
@@ -130,6 +76,7 @@ class FeaturesResult:
     feature_shape: list[int]
     signature: dict[str, Any]
     seconds: float
+    unreadable: list[dict[str, str]] = field(default_factory=list)
 
 
 def run(cfg: FeaturesConfig) -> FeaturesResult:
@@ -144,44 +91,44 @@ def run(cfg: FeaturesConfig) -> FeaturesResult:
     table = table.filter(pc.is_in(table["split"], pa.array(list(cfg.splits))))
     if table.num_rows == 0:
         raise DataError(f"{cfg.manifest} has no rows in splits {cfg.splits}", "check features.splits")
-    det = build_detector(cfg)
-    sig = det.feature_signature()
-    dataset = str(table["dataset"][0].as_py())
-    out = cfg.out or default_out(cfg, sig, layout, dataset)
-    sig_uri = storage.join(out, SIGNATURE)
+    sig = feature_cache.signature(build_detector(cfg))
+    out = cfg.out or default_out(cfg, sig, layout, str(table["dataset"][0].as_py()))
+    sig_uri = storage.join(out, feature_cache.SIGNATURE)
     if storage.exists(sig_uri):
         old = storage.read_json(sig_uri)
         if old != sig:
-            raise ConfigError(f"{out} holds features computed with other settings ({signature_digest(old)} vs "
-                              f"{signature_digest(sig)})", "use another features.out or delete that folder")
+            raise ConfigError(f"{out} holds features computed with other settings "
+                              f"({feature_cache.signature_digest(old)} vs {feature_cache.signature_digest(sig)})",
+                              "use another features.out or delete that folder")
     else:
         storage.write_json(sig_uri, sig)
-    plan = shard_plan(table["sample_id"].to_pylist(), cfg.features.shard_size)
+    console.keep_log_in(out)
+    plan = feature_cache.shard_plan(table["sample_id"].to_pylist(), cfg.features.shard_size)
     existing = {storage.basename(u) for u in storage.listdir(out)}
     todo = [(n, ids) for n, ids in plan if n not in existing]
-    log.info("features %s: %d shard(s) of %d image(s), %d already written -> %s", sig["extractor"].get("name"),
-             len(plan), cfg.features.shard_size, len(plan) - len(todo), out)
+    log.info("features (%s): %d shard(s) of up to %d image(s), %d already written -> %s",
+             sig["extractor"].get("name"), len(plan), cfg.features.shard_size, len(plan) - len(todo), out)
+    unreadable: list[dict[str, str]] = []
     if todo:
         init_ray(cfg.ray, cfg.storage)
         use_gpu = actor_pool_gpu("features", cfg.features.use_gpu, cfg.features.cpus_per_actor)
-        s = storage.settings()
         ds = ray.data.from_items([{"shard": n, "ids": json.dumps(ids)} for n, ids in todo])
         ds = ds.map_batches(
             FeatureWriter, batch_size=1,
             fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "out_uri": out, "use_gpu": use_gpu,
-                                   "storage_env": {"endpoint_url": s.endpoint_url, "region": s.region}},
+                                   "storage_settings": storage.worker_settings()},
             compute=ray.data.ActorPoolStrategy(size=cfg.features.num_actors),
             num_cpus=cfg.features.cpus_per_actor, num_gpus=1 if use_gpu else 0)
         for n_done, row in enumerate(ds.iter_rows(), start=1):
-            log.info("shard %s: %d image(s) in %.1f s (%d/%d)", row["shard"], row["rows"], row["seconds"], n_done,
-                     len(todo))
-    # written last: a reader never sees a plan whose shards are not all there (other shard sizes or manifests may
-    # have left other shards in the folder; they are ignored)
-    storage.write_json(storage.join(out, INDEX), {"shards": [n for n, _ in plan], "rows": table.num_rows,
-                                                  "manifest": cfg.manifest})
+            unreadable += json.loads(row["skipped"])
+            log.info("features: shard %d/%d, %d image(s) in %.1f s", n_done, len(todo), row["rows"], row["seconds"])
+    if unreadable:
+        log.warning("features: %d unreadable image(s) left out, e.g. %s: %s", len(unreadable),
+                    unreadable[0]["sample_id"], unreadable[0]["reason"])
+    feature_cache.write_index(out, [n for n, _ in plan], table.num_rows, cfg.manifest)
     return FeaturesResult(uri=out, shards=len(plan), written=len(todo), skipped=len(plan) - len(todo),
                           rows=table.num_rows, feature_shape=list(sig["feature_shape"]), signature=sig,
-                          seconds=round(time.time() - t0, 1))
+                          seconds=round(time.time() - t0, 1), unreadable=unreadable)
 
 
 def from_train_config(cfg: TrainConfig) -> FeaturesConfig:
@@ -192,36 +139,25 @@ def from_train_config(cfg: TrainConfig) -> FeaturesConfig:
                           storage=cfg.storage, ray=cfg.ray)
 
 
-def read_signature(uri: str) -> dict[str, Any]:
-    sig_uri = storage.join(uri, SIGNATURE)
-    if not storage.exists(sig_uri):
-        raise DataError(f"{uri} is not a features folder (no {SIGNATURE})",
-                        "run `defectflow features` first, or set data.features: auto")
-    return storage.read_json(sig_uri)
-
-
-def shard_files(uri: str) -> list[str]:
-    """URIs of the shards of the latest complete ``features`` run in a folder."""
-    index_uri = storage.join(uri, INDEX)
-    if not storage.exists(index_uri):
-        raise DataError(f"{uri} holds no complete feature set (no {INDEX})",
-                        "run `defectflow features` to completion, or set data.features: auto")
-    return [storage.join(uri, n) for n in storage.read_json(index_uri)["shards"]]
-
-
-def decode(row: dict[str, Any]) -> np.ndarray:
-    """One shard row -> the feature array (float32)."""
-    dtype = np.float16 if row["dtype"] == "float16" else np.float32
-    return np.frombuffer(row["features"], dtype=dtype).reshape(tuple(row["shape"])).astype(np.float32)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True,
-                   help="YAML features config, or a train config (its data/model/features sections are used)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+def for_training(cfg: TrainConfig) -> list[str] | None:
+    """The features folders a train config reads: the manifest's (computed now for ``auto``, checked against the
+    model for a URI) and, when synthetic samples are mixed in, the synthetic set's (always computed/cached by
+    ``auto`` rules in its own folder: the synthetic rows are not in the manifest's cache)."""
+    if cfg.data.features is None:
+        return None
+    fcfg = from_train_config(cfg)
+    if cfg.data.features == "auto":
+        uris = [run(fcfg).uri]
+    else:
+        if feature_cache.read_signature(cfg.data.features) != feature_cache.signature(build_detector(fcfg)):
+            raise ConfigError(f"{cfg.data.features} holds features for other settings than this model/image size",
+                              "use data.features: auto, or the folder `defectflow features` wrote for this config")
+        uris = [cfg.data.features]
+    if cfg.data.synthetic is not None and cfg.data.synthetic.count > 0:
+        scfg = fcfg.model_copy(update={"manifest": storage.normalize(cfg.data.synthetic.source), "out": None,
+                                       "splits": ["train"]})
+        uris.append(run(scfg).uri)
+    return uris
 
 
 def config_from_args(args: argparse.Namespace) -> FeaturesConfig:
@@ -232,11 +168,17 @@ def config_from_args(args: argparse.Namespace) -> FeaturesConfig:
     return cfgmod.validate(FeaturesConfig, data, f"features config {args.config}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from workflows.cli import run_command
+def _report(res: FeaturesResult) -> str:
+    text = (f"features: {res.uri}\n{res.shards} shard(s), {res.written} computed now, {res.skipped} reused; "
+            f"{res.rows} image(s) of shape {res.feature_shape} in {res.seconds:.0f} s")
+    if res.unreadable:
+        text += f"\n{len(res.unreadable)} unreadable image(s) left out"
+    return text
 
-    return run_command("features", argv)
 
+COMMAND = Command("features", "cache a model's frozen backbone features (Ray Data)",
+                  lambda p: add_config_options(p, "features (or train: its data/model/features sections are used)"),
+                  lambda args: run(config_from_args(args)), _report)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(COMMAND))

@@ -9,8 +9,9 @@ Ingest runs on the driver: it only lists files and reads image headers, which is
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from components import config as cfgmod
@@ -18,6 +19,8 @@ from components import storage
 from components.config import IngestConfig
 from components.data import adapters, manifest
 from components.errors import ConfigError
+from workflows import console
+from workflows.command import Command, main
 
 log = logging.getLogger("defectflow.ingest")
 
@@ -27,6 +30,8 @@ class IngestResult:
     manifest_uri: str
     summary: dict[str, Any]
     digest: str
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    rejected_uri: str | None = None
 
 
 def run(cfg: IngestConfig) -> IngestResult:
@@ -41,12 +46,20 @@ def run(cfg: IngestConfig) -> IngestResult:
     if embed == "auto":
         embed = storage.is_s3(out) and cfg.root is not None and not storage.is_s3(cfg.root)
     log.info("ingesting %s from %s (embed images: %s)", cfg.dataset, cfg.root or "<generated>", embed)
-    table = adapters.ingest(cfg.dataset, cfg.root, dataset_name=name, options=cfg.options, embed=bool(embed),
-                            split_fractions=cfg.split.model_dump(), seed=cfg.seed, max_pixels=cfg.max_image_pixels)
-    manifest.write(table, out)
-    summ = manifest.summary(table)
-    log.info("manifest with %d rows written to %s: %s", table.num_rows, out, summ)
-    return IngestResult(manifest_uri=out, summary=summ, digest=manifest.digest(table))
+    scan = adapters.scan_dataset(cfg.dataset, cfg.root, dataset_name=name, options=cfg.options, embed=bool(embed),
+                                 split_fractions=cfg.split.model_dump(), seed=cfg.seed,
+                                 max_pixels=cfg.max_image_pixels, verify=cfg.verify)
+    console.keep_log_in(storage.parent(out))
+    manifest.write(scan.table, out)
+    rejected_uri = storage.join(storage.parent(out), "rejected.json")
+    if scan.rejected:
+        storage.write_json(rejected_uri, scan.rejected)
+    elif storage.exists(rejected_uri):  # a re-ingest after the files were fixed
+        storage.delete(rejected_uri)
+    summ = {**manifest.summary(scan.table), "rejected": len(scan.rejected)}
+    log.info("manifest with %d rows written to %s", scan.table.num_rows, out)
+    return IngestResult(manifest_uri=out, summary=summ, digest=manifest.digest(scan.table), rejected=scan.rejected,
+                        rejected_uri=rejected_uri if scan.rejected else None)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,11 +102,21 @@ def config_from_args(args: argparse.Namespace) -> IngestConfig:
     return cfgmod.validate(IngestConfig, data, "ingest config")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from workflows.cli import run_command
+def _run_cli(args: argparse.Namespace) -> IngestResult | str:
+    return describe_layouts() if args.list else run(config_from_args(args))
 
-    return run_command("ingest", argv)
 
+def _report(res: IngestResult | str) -> str:
+    if isinstance(res, str):
+        return res
+    text = f"manifest: {res.manifest_uri}\nrows: {json.dumps(res.summary)}"
+    if res.rejected:
+        text += (f"\n{len(res.rejected)} unreadable file(s) left out (reasons in {res.rejected_uri}), e.g. "
+                 f"{res.rejected[0]['uri'] or res.rejected[0]['sample_id']}: {res.rejected[0]['reason']}")
+    return text
+
+
+COMMAND = Command("ingest", "dataset folder/S3 prefix -> manifest (Parquet)", add_arguments, _run_cli, _report)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(COMMAND))

@@ -18,12 +18,17 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from components import artifact, storage
+from pydantic import Field
+
+from components import artifact, catalog, storage
 from components import config as cfgmod
 from components.config import RayConfig, StorageConfig
 from components.data.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, decode_image, encode_png
 from components.errors import DataError, DefectflowError
 from components.inference import infer, map_to_png_array, pick_device
+from components.progress import bar
+from workflows import console
+from workflows.command import Command, main
 
 log = logging.getLogger("defectflow.predict")
 
@@ -59,9 +64,9 @@ class MapWriter:
     """Loads the artifact once; predicts images and writes their maps. A Ray Data actor or a plain object."""
 
     def __init__(self, model_uri: str, out_uri: str, threshold: float | None = None,
-                 storage_env: dict[str, Any] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 storage_settings: dict[str, Any] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                  use_gpu: bool = False):
-        storage.configure(**(storage_env or {}))
+        storage.configure(**(storage_settings or {}))
         self.device = pick_device(use_gpu)
         self.detector, meta = artifact.load(model_uri, device=self.device)
         self.threshold = float(threshold if threshold is not None else meta.get("threshold", 0.5))
@@ -102,13 +107,13 @@ def run(model: str, input_uri: str, out_uri: str, *, threshold: float | None = N
         storage_cfg: StorageConfig | None = None) -> PredictResult:
     if storage_cfg is not None:
         storage_cfg.apply()
-    model_uri = storage.resolve_model(model)
+    model_uri = catalog.resolve_model(model)
     out_uri = storage.normalize(out_uri)
     items = list_inputs(input_uri)
     log.info("predicting %d image(s) with %s -> %s", len(items), model_uri, out_uri)
     storage.makedirs(out_uri)
-    s = storage.settings()
-    env = {"endpoint_url": s.endpoint_url, "region": s.region}
+    console.keep_log_in(out_uri)
+    env = storage.worker_settings()
     use_ray = len(items) > ray_threshold
     if use_ray:
         import ray.data
@@ -118,7 +123,7 @@ def run(model: str, input_uri: str, out_uri: str, *, threshold: float | None = N
         init_ray(ray_cfg, storage_cfg)
         ds = ray.data.from_items([{"uri": u, "stem": st} for u, st in items])
         ds = ds.map_batches(MapWriter, fn_constructor_kwargs={
-            "model_uri": model_uri, "out_uri": out_uri, "threshold": threshold, "storage_env": env,
+            "model_uri": model_uri, "out_uri": out_uri, "threshold": threshold, "storage_settings": env,
             "max_pixels": max_pixels, "use_gpu": use_gpu},
             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_actors),
             num_cpus=1, num_gpus=1 if use_gpu else 0)
@@ -128,11 +133,9 @@ def run(model: str, input_uri: str, out_uri: str, *, threshold: float | None = N
             rows.append({"stem": r["stem"], "score": score, "is_defect": r["is_defect"] if score is not None else None,
                          "error": r["error"]})
     else:
-        from tqdm import tqdm
-
         writer = MapWriter(model_uri, out_uri, threshold, env, max_pixels, use_gpu)
-        rows = [writer.predict_one(u, st) for u, st in tqdm(items, desc="predict", unit="img",
-                                                             disable=len(items) < 8)]
+        rows = [writer.predict_one(u, st) for u, st in bar(items, total=len(items), desc="predict", unit="img",
+                                                           min_total=8)]
     rows.sort(key=lambda r: r["stem"])
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -162,8 +165,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 class PredictOptions(cfgmod.Strict):
-    storage: StorageConfig = StorageConfig()
-    ray: RayConfig = RayConfig()
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
 
 def run_cli(args: argparse.Namespace) -> PredictResult:
@@ -172,11 +175,14 @@ def run_cli(args: argparse.Namespace) -> PredictResult:
                num_actors=args.num_actors, batch_size=args.batch_size, ray_cfg=opts.ray, storage_cfg=opts.storage)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from workflows.cli import run_command
+def _report(res: PredictResult) -> str:
+    return (f"{res.count} image(s), {res.defective} defective, {res.failed} failed -> {res.out_uri} "
+            f"(scores: {res.scores_uri})")
 
-    return run_command("predict", argv)
 
+COMMAND = Command("predict", "defect maps + scores.csv for a folder of images (exit code 1 when some images "
+                  "could not be read; the others are written)", add_arguments, run_cli, _report,
+                  exit_code=lambda res: 1 if res.failed else 0)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(COMMAND))

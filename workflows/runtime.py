@@ -1,4 +1,5 @@
-"""Connecting to Ray, checking resources before asking for them, and logging set-up.
+"""Connecting to Ray, and checking resources before asking for them (the console and log file are
+:mod:`workflows.console`).
 
 A Train run that asks for more CPUs or GPUs than the cluster has waits forever, so every workflow validates its
 request against ``ray.cluster_resources()`` first and raises a ResourceError that says what to change.
@@ -6,37 +7,27 @@ request against ``ray.cluster_resources()`` first and raises a ResourceError tha
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import sys
 from typing import Any
 
 from components import storage
 from components.config import RayConfig, ScalingSettings, StorageConfig
-from components.errors import ResourceError
+from components.errors import DefectflowError, ResourceError
 
 log = logging.getLogger("defectflow")
-
-
-def setup_logging(verbose: bool = False) -> None:
-    level = logging.DEBUG if verbose else logging.INFO
-    root = logging.getLogger()
-    if not any(getattr(h, "_defectflow", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        h._defectflow = True  # type: ignore[attr-defined]
-        root.addHandler(h)
-    root.setLevel(logging.WARNING)
-    for name in ("defectflow", "components", "workflows", "serve_apps"):
-        logging.getLogger(name).setLevel(level)
 
 
 def init_ray(ray_cfg: RayConfig | None = None, storage_cfg: StorageConfig | None = None) -> None:
     """Start or join Ray once per process.
 
     Under ``ray job submit`` RAY_ADDRESS is set and we join that cluster; otherwise a local instance starts with the
-    configured resources. Storage settings travel to workers as environment variables so tasks that only get a URI
-    can still reach a custom S3 endpoint.
+    configured resources. Storage settings reach workers as explicit arguments (``storage.worker_settings()``); the
+    environment variables of :func:`components.storage.env_vars` are only a fallback, and are left out where the job's
+    own runtime_env already sets them: Ray refuses to merge a job's runtime_env with a ``ray.init`` runtime_env that
+    names the same variable. ``RAY_TRAIN_V2_ENABLED`` is set in this process only (``workflows/__init__``); Ray Train
+    passes it on to its controller and workers.
     """
     import ray
 
@@ -47,12 +38,14 @@ def init_ray(ray_cfg: RayConfig | None = None, storage_cfg: StorageConfig | None
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if ray.is_initialized():
         return
-    env_vars = {"RAY_TRAIN_V2_ENABLED": "1", **storage.env_vars()}
+    runtime_env = driver_runtime_env(job_runtime_env())
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
+    kwargs: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": True}
     if address:
-        log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, **kwargs)
+        ignored = [k for k in ("num_cpus", "num_gpus", "object_store_memory") if getattr(ray_cfg, k) is not None]
+        log.info("joining Ray cluster at %s%s", address,
+                 f" (ray.{', ray.'.join(ignored)} apply only to a local instance: ignored)" if ignored else "")
+        _ray_init(address, kwargs)
     else:
         local: dict[str, Any] = {}
         if ray_cfg.num_cpus is not None:
@@ -64,8 +57,89 @@ def init_ray(ray_cfg: RayConfig | None = None, storage_cfg: StorageConfig | None
         if ray_cfg.include_dashboard is not None:
             local["include_dashboard"] = ray_cfg.include_dashboard
         log.info("starting a local Ray instance %s", local or "(all local CPUs)")
-        ray.init(address="local", **local, **kwargs)
+        _ray_init("local", {**local, **kwargs})
     configure_data(ray_cfg)
+
+
+def job_runtime_env() -> dict[str, Any] | None:
+    """The runtime_env of the Ray job whose driver this process is, or None when not started by ``ray job submit``.
+
+    Ray's job supervisor hands the job's config to the entrypoint in RAY_JOB_CONFIG_JSON_ENV_VAR, and ``ray.init``
+    merges it with the runtime_env it is given (dashboard/modules/job/job_supervisor.py, _private/worker.py).
+    """
+    raw = os.environ.get(storage.RAY_JOB_ENV)
+    if not raw:
+        return None
+    try:
+        env = json.loads(raw).get("runtime_env")
+    except (ValueError, AttributeError):
+        return {}
+    return dict(env) if isinstance(env, dict) else {}
+
+
+def driver_runtime_env(job_env: dict[str, Any] | None) -> dict[str, Any]:
+    """The runtime_env this driver adds to the job's: storage fallback env vars and the RAY_ADDRESS worker hook,
+    minus whatever the job's runtime_env already sets (a key in both makes ``ray.init`` fail)."""
+    env_vars = storage.env_vars()
+    wanted: dict[str, Any] = {"worker_process_setup_hook": _ray_address_hook()}
+    if job_env is not None:
+        job_vars = job_env.get("env_vars") or {}
+        for key in [k for k in env_vars if k in job_vars]:
+            if job_vars[key] != env_vars[key]:
+                log.warning("the job's runtime_env sets %s=%s; workers get that (this driver has %s; storage "
+                            "settings reach defectflow's tasks as arguments anyway)", key, job_vars[key],
+                            env_vars[key])
+            del env_vars[key]
+        for key in [k for k in wanted if k in job_env]:
+            log.warning("the job's runtime_env sets %s: defectflow's own is left out", key)
+            del wanted[key]
+    return {"env_vars": env_vars, **wanted} if env_vars else wanted
+
+
+def _ray_address_hook() -> Any:
+    """A worker setup hook pointing RAY_ADDRESS at the cluster the worker belongs to.
+
+    Ray code in workers that looks its cluster up by itself (Train V2's PlacementGroupCleaner queries the state API)
+    otherwise guesses from the Ray processes on the host: with another Ray instance there it fails with "Found
+    multiple active Ray instances", or picks the instance of the last ``ray start``. The hook is nested so that
+    cloudpickle ships it by value: workers run it without importing defectflow.
+    """
+
+    def export_ray_address() -> None:
+        import os
+
+        import ray
+
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+    return export_ray_address
+
+
+def _ray_init(address: str, kwargs: dict[str, Any]) -> None:
+    """``ray.init`` with its user-fixable failures (cannot reach or authenticate to the cluster, a runtime_env that
+    cannot be merged with the job's) turned into DefectflowError."""
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    where = "a local Ray instance" if address == "local" else f"the Ray cluster at {address}"
+    try:
+        ray.init(address=address, **kwargs)
+    except AuthenticationError as e:
+        raise DefectflowError(f"cannot authenticate to {where}: {e}",
+                              "the cluster uses token authentication: set RAY_AUTH_MODE=token and the token "
+                              "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)") from e
+    except ConnectionError as e:
+        raise DefectflowError(f"cannot connect to {where}: {e}",
+                              "check ray.address / RAY_ADDRESS and that the cluster runs (`ray status --address "
+                              "...`); unset both to start a local instance") from e
+    except (ValueError, RuntimeError) as e:
+        if "runtime env" in str(e):
+            raise DefectflowError(
+                f"cannot start the job's driver on {where}: {e}",
+                "a key in the job's runtime_env (e.g. cluster/runtime_env.yaml) clashes with one defectflow sets: "
+                "remove it from the runtime_env") from e
+        raise DefectflowError(f"cannot start or join {where}: {e}",
+                              "check ray.address / RAY_ADDRESS and the Ray logs (/tmp/ray/session_latest/logs)") from e
 
 
 def configure_data(ray_cfg: RayConfig) -> None:

@@ -14,9 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from components import catalog
 from components import config as cfgmod
-from components import storage
 from components.config import ServeConfig
+from workflows.command import Command, main
 
 log = logging.getLogger("defectflow.serve")
 
@@ -38,7 +39,7 @@ def start(cfg: ServeConfig) -> ServeHandle:
     from workflows.runtime import init_ray
 
     cfg.storage.apply()
-    model_uri = storage.resolve_model(cfg.model)
+    model_uri = catalog.resolve_model(cfg.model)
     init_ray(cfg.ray, cfg.storage)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     app = build(model_uri, threshold=cfg.threshold, num_replicas=cfg.num_replicas, num_cpus=cfg.num_cpus,
@@ -95,11 +96,7 @@ def run_cli(args: argparse.Namespace) -> ServeHandle:
     return handle
 
 
-def main(argv: list[str] | None = None) -> int:
-    from workflows.cli import run_command
-
-    return run_command("serve", argv)
-
+COMMAND = Command("serve", "HTTP endpoint for a model with Ray Serve", add_arguments, run_cli)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(COMMAND))

@@ -12,7 +12,6 @@ the same name resumes it.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import io
@@ -26,7 +25,10 @@ from components import artifact, report, storage
 from components import config as cfgmod
 from components.config import SweepConfig, TrainConfig
 from components.errors import ConfigError, DefectflowError
-from components.models import registry
+from workflows import console, features, release, train, train_data, trainer
+from workflows import evaluate as ev
+from workflows.command import Command, add_config_options, main
+from workflows.runtime import check_train_resources, cluster_resources, init_ray, resolve_use_gpu
 
 log = logging.getLogger("defectflow.sweep")
 
@@ -61,7 +63,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], name: str) -> Tra
 
 
 def _trial(config: dict[str, Any], *, base: dict[str, Any], sweep_name: str, trials_uri: str, use_gpu: bool,
-           select: tuple[str | None, str], datasets: dict[str, Any] | None = None) -> None:
+           select: tuple[str | None, str], sink: Any, datasets: dict[str, Any] | None = None) -> None:
     """One Tune trial: the driver of one Train run.
 
     Nothing may follow ``fit()`` here: ASHA stops a trial by killing this function. Every epoch's checkpoint path
@@ -70,17 +72,17 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], sweep_name: str, tri
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from workflows import train as tr
-
-    name = f"{sweep_name}-{tune.get_context().get_trial_id()}"
+    trial_id = tune.get_context().get_trial_id()
+    name = f"{sweep_name}-{trial_id}"
     cfg = trial_config(base, config, name)
     cfg.storage.apply()
     if datasets is None:
-        _full, table = tr.training_table(cfg)
-        datasets = tr.build_datasets(table, cfg)
-    trainer = tr.build_trainer(cfg, datasets, tr.loop_config(cfg, select), run_name=name, storage_uri=trials_uri,
-                               use_gpu=use_gpu, callbacks=[TuneReportCallback()])
-    tr._fit(trainer)
+        datasets = train_data.build(train.rows_for(cfg)[1], cfg, features.for_training(cfg))
+    callbacks = [TuneReportCallback(), trainer.epoch_callback(sink, f"trial {trial_id}", cfg.optim.epochs)]
+    fit = trainer.build_trainer(trainer.train_loop_per_worker, trainer.loop_config(cfg, select), datasets,
+                                scaling=cfg.scaling, use_gpu=use_gpu, run_name=name, storage_uri=trials_uri,
+                                select=select, num_to_keep=cfg.checkpoint.num_to_keep, callbacks=callbacks)
+    trainer.fit(fit)
 
 
 @dataclass
@@ -95,8 +97,6 @@ class SweepResult:
 
 
 def concurrency(cfg: SweepConfig, base: TrainConfig, use_gpu: bool) -> int:
-    from workflows.runtime import cluster_resources
-
     if cfg.max_concurrent_trials != "auto":
         return int(cfg.max_concurrent_trials)
     res = cluster_resources()
@@ -107,19 +107,7 @@ def concurrency(cfg: SweepConfig, base: TrainConfig, use_gpu: bool) -> int:
     return max(1, n)
 
 
-def run(cfg: SweepConfig) -> SweepResult:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
-
-    from workflows import evaluate as ev
-    from workflows import train as tr
-    from workflows.runtime import check_train_resources, init_ray, resolve_use_gpu
-
-    t0 = time.time()
-    base_dict = dict(cfg.train)
-    base_dict.setdefault("name", cfg.name)
-    base = cfgmod.validate(TrainConfig, base_dict, "sweep.train")
+def check_space(cfg: SweepConfig, base: TrainConfig) -> None:
     for key in cfg.space:
         try:
             trial_config(base.model_dump(mode="json"), {key: _example(cfg.space[key])}, "check")
@@ -127,76 +115,100 @@ def run(cfg: SweepConfig) -> SweepResult:
             raise ConfigError(f"sweep space key {key!r} does not fit the train config: {e.message}",
                               "space keys are dotted train-config keys, e.g. model.params.n or loss.dice_weight"
                               ) from e
-    registry.get(base.model.family)
-    layout = base.storage.apply()
-    full, table = tr.training_table(base)
-    if tr.selection_metric(table, base)[0] is None:
-        raise ConfigError("the manifest has no validation split; a sweep needs one to compare trials",
-                          "re-ingest with a val fraction > 0 (split.val)")
-    select = (cfg.metric, cfg.mode)
-    init_ray(base.ray, base.storage)
-    use_gpu = resolve_use_gpu(base.scaling)
-    check_train_resources(base.scaling, use_gpu)
-    n_conc = concurrency(cfg, base, use_gpu)
-    data_keys = [k for k in cfg.space if k.startswith("data.")]
-    shared = None if data_keys else tr.build_datasets(table, base)
-    tr.quiet_data_progress()
 
-    sweep_uri = layout.run(cfg.name)
-    trials_uri = storage.join(sweep_uri, "trials")
-    base_json = base.model_dump(mode="json")
-    trainable = tune.with_parameters(_trial, base=base_json, sweep_name=cfg.name, trials_uri=trials_uri,
-                                     use_gpu=use_gpu, select=select, datasets=shared)
-    trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU})
+
+def make_tuner(cfg: SweepConfig, base: TrainConfig, trainable: Any, sweep_uri: str, n_conc: int) -> Any:
+    """A new Tune experiment, or the one of an interrupted run of the same sweep (it resumes)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    fs, _ = storage.arrow_fs(sweep_uri)
+    experiment = storage.strip_scheme(storage.join(sweep_uri, "tune"))
+    if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        log.info("resuming sweep %s from %s", cfg.name, experiment)
+        return tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True,
+                                  param_space=param_space(cfg.space), storage_filesystem=fs)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=base.optim.epochs + 1,
                                grace_period=min(cfg.scheduler.grace_period, base.optim.epochs),
                                reduction_factor=cfg.scheduler.reduction_factor)
                  if cfg.scheduler.type == "asha" else FIFOScheduler())
-    fs, tune_path = storage.arrow_fs(sweep_uri)
-    run_config = tune.RunConfig(name="tune", storage_path=tune_path, storage_filesystem=fs)
-    experiment = storage.join(sweep_uri, "tune")
+    return tune.Tuner(
+        trainable, param_space=param_space(cfg.space),
+        tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=scheduler,
+                                    num_samples=cfg.num_samples, max_concurrent_trials=n_conc,
+                                    search_alg=BasicVariantGenerator(random_state=cfg.seed)),
+        run_config=tune.RunConfig(name="tune", storage_path=storage.strip_scheme(sweep_uri), storage_filesystem=fs,
+                                  verbose=0))
+
+
+def run(cfg: SweepConfig) -> SweepResult:
+    from ray import tune
+
+    t0 = time.time()
+    base = cfgmod.validate(TrainConfig, {"name": cfg.name, **cfg.train}, "sweep.train")
+    check_space(cfg, base)
+    layout = base.storage.apply()
+    sweep_uri = layout.run(cfg.name)
+    console.keep_log_in(sweep_uri)
+    full, table = train.rows_for(base)
+    if trainer.selection_metric(table, base)[0] is None:
+        raise ConfigError("the manifest has no validation split; a sweep needs one to compare trials",
+                          "re-ingest with a val fraction > 0 (split.val)")
+    init_ray(base.ray, base.storage)
+    use_gpu = resolve_use_gpu(base.scaling)
+    check_train_resources(base.scaling, use_gpu)
+    n_conc = concurrency(cfg, base, use_gpu)
+    shared = None if any(k.startswith("data.") for k in cfg.space) else train_data.build(
+        table, base, features.for_training(base))
+    train_data.quiet_progress()
+
+    trials_uri = storage.join(sweep_uri, "trials")
+    base_json = base.model_dump(mode="json")
+    sink = trainer.progress_sink()
+    trainable = tune.with_resources(tune.with_parameters(
+        _trial, base=base_json, sweep_name=cfg.name, trials_uri=trials_uri, use_gpu=use_gpu,
+        select=(cfg.metric, cfg.mode), sink=sink, datasets=shared), {"cpu": TRIAL_DRIVER_CPU})
     log.info("sweep %s: %d parameter(s), up to %d concurrent trial(s), scheduler %s", cfg.name, len(cfg.space),
              n_conc, cfg.scheduler.type)
-    experiment_path = storage.strip_scheme(experiment)
-    if tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
-        log.info("resuming sweep %s from %s", cfg.name, experiment)
-        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True,
-                                   param_space=param_space(cfg.space), storage_filesystem=fs)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=param_space(cfg.space),
-            tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=scheduler,
-                                        num_samples=cfg.num_samples, max_concurrent_trials=n_conc,
-                                        search_alg=BasicVariantGenerator(random_state=cfg.seed)),
-            run_config=run_config)
-    grid = tuner.fit()
+    with trainer.printing(sink):
+        grid = make_tuner(cfg, base, trainable, sweep_uri, n_conc).fit()
 
     trials, curves = _collect(grid, cfg, base.optim.epochs)
     report_uri = layout.reports(cfg.name)
     _write_report(cfg, trials, curves, report_uri)
-    done = [t for t in trials if t["checkpoint"] and t.get("best") is not None]
-    if not done:
-        errors = [t.get("error") for t in trials if t.get("error")]
-        raise DefectflowError(f"no trial of sweep {cfg.name} reported a checkpoint",
-                              f"first error: {errors[0]}" if errors else "see the trial logs in " + sweep_uri)
-    pick = max if cfg.mode == "max" else min
-    best = pick(done, key=lambda t: t["best"])
-    log.info("best trial %s: %s=%.4f with %s", best["trial_id"], cfg.metric, best["best"], best["params"])
-    best["artifact"] = _trial_artifact(best, base_json, cfg, trials_uri, select)
-    tr.calibrate(best["artifact"], full, trial_config(base_json, best["params"], "calibrate"), use_gpu)
-    result = ev.evaluate(best["artifact"], full, split=base.eval.split, threshold=base.eval.threshold,
-                         seg_iou_threshold=base.eval.seg_iou_threshold, batch_size=base.eval.batch_size,
-                         num_actors=base.eval.num_actors, use_gpu=use_gpu, sheet_images=base.eval.sheet_images,
-                         max_pixels=base.data.max_image_pixels)
-    test_metrics = {f"{base.eval.split}_{k}" if k != "split" else k: v for k, v in result.metrics.items()}
-    artifact.update_meta(best["artifact"], metrics={k: v for k, v in test_metrics.items() if v is not None},
-                         lineage={"sweep_report": report_uri})
-    ev.write_report(result, storage.join(report_uri, "best"), title=f"Sweep {cfg.name}: best trial on test")
+    best = best_trial(cfg, trials, sweep_uri)
+    best["artifact"], test_metrics = _best_artifact(cfg, best, base_json, full, trials_uri, report_uri, use_gpu)
     registered = artifact.register(best["artifact"], layout, base.output.model_name or base.model.family,
                                    lineage={"sweep": cfg.name, "trial_id": best["trial_id"]})
     _write_report(cfg, trials, curves, report_uri, best=best, test_metrics=test_metrics, registered=registered)
     return SweepResult(name=cfg.name, trials=trials, best=best, registered_uri=registered, report_uri=report_uri,
                        test_metrics=test_metrics, seconds=round(time.time() - t0, 1))
+
+
+def best_trial(cfg: SweepConfig, trials: list[dict[str, Any]], sweep_uri: str) -> dict[str, Any]:
+    done = [t for t in trials if t["checkpoint"] and t.get("best") is not None]
+    if not done:
+        errors = [t.get("error") for t in trials if t.get("error")]
+        raise DefectflowError(f"no trial of sweep {cfg.name} reported a checkpoint",
+                              f"first error: {errors[0]}" if errors else "see the trial logs in " + sweep_uri)
+    best = (max if cfg.mode == "max" else min)(done, key=lambda t: t["best"])
+    log.info("best trial %s: %s=%.4f with %s", best["trial_id"], cfg.metric, best["best"], best["params"])
+    return best
+
+
+def _best_artifact(cfg: SweepConfig, best: dict[str, Any], base: dict[str, Any], full: Any, trials_uri: str,
+                   report_uri: str, use_gpu: bool) -> tuple[str, dict[str, Any]]:
+    """The best trial's best checkpoint as a calibrated artifact, evaluated on the test split (complete before its
+    detector.json appears, as in :mod:`workflows.release`)."""
+    tcfg = trial_config(base, best["params"], f"{cfg.name}-{best['trial_id']}")
+    staging = _trial_artifact(best, base, cfg, trials_uri, (cfg.metric, cfg.mode), ".staging-artifact")
+    release.calibrate(staging, full, tcfg, use_gpu)
+    result, test_metrics = release.evaluate_split(staging, full, tcfg, use_gpu)
+    artifact.update_meta(staging, metrics={k: v for k, v in test_metrics.items() if v is not None},
+                         lineage={"sweep_report": report_uri})
+    ev.write_report(result, storage.join(report_uri, "best"), title=f"Sweep {cfg.name}: best trial on test")
+    return artifact.publish(staging, storage.join(storage.parent(staging), "artifact")), test_metrics
 
 
 def _example(spec: dict[str, Any]) -> Any:
@@ -234,17 +246,15 @@ def _collect(grid: Any, cfg: SweepConfig, epochs_planned: int) -> tuple[list[dic
 
 
 def _trial_artifact(trial: dict[str, Any], base: dict[str, Any], cfg: SweepConfig, trials_uri: str,
-                    select: tuple[str | None, str]) -> str:
+                    select: tuple[str | None, str], folder: str = "artifact") -> str:
     """Build the artifact of a trial from its best Train checkpoint (in the trials storage)."""
     from ray.train import Checkpoint
-
-    from workflows import train as tr
 
     name = f"{cfg.name}-{trial['trial_id']}"
     tcfg = trial_config(base, trial["params"], name)
     fs, _ = storage.arrow_fs(trials_uri)
-    detector, state = tr.checkpoint_to_detector(Checkpoint(path=trial["checkpoint"], filesystem=fs), tcfg)
-    uri = storage.join(trials_uri, name, "artifact")
+    detector, state = trainer.checkpoint_to_detector(Checkpoint(path=trial["checkpoint"], filesystem=fs), tcfg)
+    uri = storage.join(trials_uri, name, folder)
     artifact.save(detector, uri, threshold=tcfg.eval.threshold,
                   metrics={f"best_{select[0]}": trial["best"]},
                   lineage={"sweep": cfg.name, "trial_id": trial["trial_id"], "trial_params": trial["params"],
@@ -292,21 +302,14 @@ def _write_report(cfg: SweepConfig, trials: list[dict[str, Any]], curves: dict[s
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML sweep config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a sweep key, e.g. --set train.optim.epochs=2 --set num_samples=2")
+def _report(res: SweepResult) -> str:
+    best = res.best or {}
+    return (f"sweep {res.name}: {len(res.trials)} trial(s); best {best.get('trial_id')} {best.get('params', '')}\n"
+            f"registered: {res.registered_uri}\nreport: {res.report_uri}/trials.md")
 
 
-def config_from_args(args: argparse.Namespace) -> SweepConfig:
-    return cfgmod.load(SweepConfig, args.config, args.set)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from workflows.cli import run_command
-
-    return run_command("sweep", argv)
-
+COMMAND = Command("sweep", "hyper-parameter sweep with Ray Tune + ASHA", lambda p: add_config_options(p, "sweep"),
+                  lambda args: run(cfgmod.load(SweepConfig, args.config, args.set)), _report)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(COMMAND))

@@ -11,49 +11,25 @@ every epoch to ``<storage.root>/runs/<name>``; re-running the same name resumes.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field
 
 from components import config as cfgmod
 from components import storage
-from components.config import RayConfig, ScalingSettings, StorageConfig, Strict
+from components.config import SynthTrainConfig
 from components.data import manifest
 from components.errors import ConfigError, DataError
+from workflows import console, train_data, trainer
+from workflows.command import Command, add_config_options, main
+from workflows.runtime import check_train_resources, init_ray, resolve_use_gpu
 
 log = logging.getLogger("defectflow.train_synth")
-
-
-class SynthTrainConfig(Strict):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    kind: Literal["ddpm", "lora"] = "ddpm"
-    manifest: str = Field(..., description="manifest whose train-split defect masks give the training crops")
-    seed: int = 0
-    resolution: int = Field(64, ge=16, le=1024, description="crop side the model trains at")
-    context: float = Field(0.5, ge=0, description="margin around each defect's box, as a fraction of its size")
-    augment: bool = Field(True, description="random flips and 90-degree rotations of the crops in every step")
-    max_crops: int | None = Field(None, ge=1)
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(8, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    ddpm: dict[str, Any] = Field(default_factory=lambda: {"prediction_type": "v_prediction"},
-                                 description="InpaintDDPMParams (kind ddpm); v_prediction learns to draw inside the "
-                                             "mask several times faster than epsilon on small budgets")
-    lora: dict[str, Any] = Field(default_factory=dict,
-                                 description="kind lora: {model: <pipeline uri>, rank: 4, alpha: 4, prompt: "
-                                             "'{defect} defect', prompts: {class: prompt}}")
-    out: str | None = Field(None, description="default <storage.root>/models/<name> (ddpm) or <name>-lora")
-    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
 
 
 def training_crops(cfg: SynthTrainConfig) -> dict[str, np.ndarray]:
@@ -91,24 +67,24 @@ def _loop(c: dict[str, Any]) -> None:
     from ray.train import Checkpoint
     from ray.train.torch import get_device, prepare_model
 
-    storage.configure(**c["_storage_env"])
+    storage.configure(**c["_storage"])
     cfg = SynthTrainConfig.model_validate({k: v for k, v in c.items() if not k.startswith("_")})
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(cfg.seed + rank)
     gen = torch.Generator().manual_seed(cfg.seed + 17 + rank)
     device = get_device()
-    trainer = _DDPMTrainer(cfg) if cfg.kind == "ddpm" else _LoRATrainer(cfg, device)
+    synth = _DDPMTrainer(cfg) if cfg.kind == "ddpm" else _LoRATrainer(cfg, device)
     start = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            start = trainer.load(d) + 1
-    trainer.model = prepare_model(trainer.model) if cfg.kind == "ddpm" else trainer.model
-    trainer.build_optimizer()
+            start = synth.load(d) + 1
+    synth.model = prepare_model(synth.model) if cfg.kind == "ddpm" else synth.model
+    synth.build_optimizer()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            trainer.load_optimizer(d)
+            synth.load_optimizer(d)
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
@@ -116,23 +92,20 @@ def _loop(c: dict[str, Any]) -> None:
         for b in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
                                     local_shuffle_buffer_size=4 * cfg.batch_size,
                                     local_shuffle_seed=cfg.seed + epoch):
-            losses.append(trainer.step(b, device, gen))
+            losses.append(synth.step(b, device, gen))
         metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan"),
                    "epoch_time_s": round(time.time() - t0, 2)}
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                trainer.save(d, epoch)
+                synth.save(d, epoch)
                 checkpoint = Checkpoint.from_directory(d)
-                logging.getLogger("defectflow.train_synth.worker").warning(
-                    "[defectflow] %s epoch %d/%d loss=%.4f (%.1f s)", cfg.kind, epoch + 1, cfg.epochs,
-                    metrics["loss"], metrics["epoch_time_s"])
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
 class _Trainer:
     """What both synthesizer trainers share: AdamW over ``trainable()`` and the optimizer/epoch part of the
-    checkpoint (file names as in ``workflows.train``); subclasses save and load their own weights."""
+    checkpoint (:mod:`workflows.trainer`'s format); subclasses save and load their own weights."""
 
     cfg: SynthTrainConfig
     opt: Any = None
@@ -149,27 +122,15 @@ class _Trainer:
         return {"lr": self.cfg.lr}
 
     def save_state(self, d: str, epoch: int) -> None:
-        import torch
-
-        from workflows.train import CKPT_OPTIM, CKPT_STATE
-
-        torch.save({"optimizer": self.opt.state_dict()}, os.path.join(d, CKPT_OPTIM))
-        with open(os.path.join(d, CKPT_STATE), "w") as f:
-            json.dump({"epoch": epoch}, f)
+        trainer.save_optimizer(d, self.opt)
+        trainer.write_state(d, {"epoch": epoch})
 
     @staticmethod
     def saved_epoch(d: str) -> int:
-        from workflows.train import CKPT_STATE, _read_json
-
-        return int(_read_json(os.path.join(d, CKPT_STATE))["epoch"])
+        return int(trainer.read_state(d)["epoch"])
 
     def load_optimizer(self, d: str) -> None:
-        import torch
-
-        from workflows.train import CKPT_OPTIM
-
-        self.opt.load_state_dict(torch.load(os.path.join(d, CKPT_OPTIM), map_location="cpu",
-                                            weights_only=True)["optimizer"])
+        trainer.load_optimizer(d, self.opt)
 
 
 class _DDPMTrainer(_Trainer):
@@ -273,17 +234,13 @@ class SynthTrainResult:
 
 def run(cfg: SynthTrainConfig) -> SynthTrainResult:
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from workflows.runtime import check_train_resources, init_ray, resolve_use_gpu
-    from workflows.train import _fit, quiet_data_progress
 
     t0 = time.time()
     if cfg.kind == "lora" and cfg.scaling.num_workers > 1:
         raise ConfigError("LoRA fine-tuning runs on one worker (its adapter gradients are not averaged across "
                           "workers)", "set scaling.num_workers: 1 (use a GPU worker for speed)")
     layout = cfg.storage.apply()
+    console.keep_log_in(layout.run(cfg.name))
     data = training_crops(cfg)
     init_ray(cfg.ray, cfg.storage)
     use_gpu = resolve_use_gpu(cfg.scaling)
@@ -291,22 +248,14 @@ def run(cfg: SynthTrainConfig) -> SynthTrainResult:
     ds = ray.data.from_items([{"crop": c, "mask": m, "defect_class": k}
                               for c, m, k in zip(data["crop"], data["mask"], data["defect_class"], strict=True)])
     ds = ds.materialize()
-    quiet_data_progress()
-    s = storage.settings()
-    loop_cfg = {**cfg.model_dump(mode="json"), "_storage_env": {"endpoint_url": s.endpoint_url, "region": s.region}}
-    fs, path = storage.arrow_fs(layout.runs())
-    resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
-        _loop, train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.name, storage_path=path, storage_filesystem=fs,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=1),
-                             logging_config=LoggingConfig(log_level="WARNING")),
-        datasets={"train": ds})
+    train_data.quiet_progress()
+    sink = trainer.progress_sink()
+    fit = trainer.build_trainer(_loop, {**cfg.model_dump(mode="json"), "_storage": storage.worker_settings()},
+                                {"train": ds}, scaling=cfg.scaling, use_gpu=use_gpu, run_name=cfg.name,
+                                storage_uri=layout.runs(),
+                                callbacks=[trainer.epoch_callback(sink, f"{cfg.name} ({cfg.kind})", cfg.epochs)])
     log.info("train-synth %s (%s): %d crops, %d epoch(s)", cfg.name, cfg.kind, len(data["crop"]), cfg.epochs)
-    result = _fit(trainer)
+    result = trainer.fit(fit, sink)
     out = cfg.out or layout.models(cfg.name if cfg.kind == "ddpm" else f"{cfg.name}-lora")
     with result.checkpoint.as_directory() as d:
         if cfg.kind == "ddpm":
@@ -322,20 +271,14 @@ def run(cfg: SynthTrainConfig) -> SynthTrainResult:
                             final_loss=loss, seconds=round(time.time() - t0, 1))
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML train-synth config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+def _report(res: SynthTrainResult) -> str:
+    return (f"{res.kind} synthesizer trained on {res.crops} crops for {res.epochs} epoch(s) "
+            f"(final loss {res.final_loss}) -> {res.out}")
 
 
-def config_from_args(args: argparse.Namespace) -> SynthTrainConfig:
-    return cfgmod.load(SynthTrainConfig, args.config, args.set)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from workflows.cli import run_command
-
-    return run_command("train-synth", argv)
-
+COMMAND = Command("train-synth", "train the own DDPM inpainter or LoRA adapters on defect crops (Ray Train)",
+                  lambda p: add_config_options(p, "train-synth"),
+                  lambda args: run(cfgmod.load(SynthTrainConfig, args.config, args.set)), _report)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(COMMAND))

@@ -8,10 +8,10 @@ inputs raise :class:`DataError` naming the file, never a bare PIL exception.
 from __future__ import annotations
 
 import io
-import warnings
+import struct
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, WebPImagePlugin
 
 from components.errors import DataError
 
@@ -27,27 +27,76 @@ class ImageTooLargeError(DataError):
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; configurable per call
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+_COMMON_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")  # tried first, whatever order plugins registered in
+# What Pillow's plugins raise on malformed input (found by fuzzing); all become DataError, never a bare exception.
+_PLUGIN_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, struct.error, NotImplementedError)
+
+
+def _identify(data: bytes) -> Image.Image | None:
+    """``Image.open``'s format loop (header parse only, no pixels) without its decompression-bomb check.
+
+    ``Image.open`` compares every image against the process-global ``Image.MAX_IMAGE_PIXELS`` (a warning above it,
+    ``DecompressionBombError`` above twice it). A per-call limit cannot be had by swapping that global: decodes run
+    in threads (the endpoint, Ray Data), and a swap races -- it can leave the guard off for the whole process. So the
+    global is never touched: the plugins' header parsers are called directly and :func:`_open` applies the caller's
+    limit. Plugins that check the global themselves still raise ``DecompressionBombError`` above twice it (WebP);
+    WebP's canvas size is read from its header first, because its decoder allocates the canvas on open.
+    """
+    Image.init()  # registers every format plugin (once; imports are serialised by the import lock)
+    prefix = data[:16]
+    fp = io.BytesIO(data)
+    registered = tuple(Image.ID)
+    for fmt in (*_COMMON_FORMATS, *(f for f in registered if f not in _COMMON_FORMATS)):
+        entry = Image.OPEN.get(fmt)
+        if entry is None:
+            continue
+        factory, accept = entry
+        try:
+            if accept is not None:
+                ok = accept(prefix)
+                if not ok or isinstance(ok, str):  # a str is "recognised but support not installed"
+                    continue
+            fp.seek(0)
+            return factory(fp, "")
+        except (SyntaxError, IndexError, TypeError, struct.error):  # what Image.open treats as "not this format"
+            continue
+    return None
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """The canvas size of formats whose plugin allocates it while opening (WebP), read from the header."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        get_size = getattr(WebPImagePlugin, "_get_size", None)
+        return get_size(data[:30]) if get_size is not None else None
+    return None
+
+
+def _too_large(name: str, w: int, h: int, max_pixels: int) -> ImageTooLargeError:
+    return ImageTooLargeError(f"{name}: image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,}",
+                              "downscale it, or raise data.max_image_pixels")
 
 
 def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Identify the image and check ``max_pixels`` on its header size, before any pixel is decoded."""
     if not data:
         raise DataError(f"{name}: empty file", "remove it or replace it with a valid image")
+    size = _header_size(data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise _too_large(name, size[0], size[1], max_pixels)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            old = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit below, before decoding pixels
-            try:
-                img = Image.open(io.BytesIO(data))
-            finally:
-                Image.MAX_IMAGE_PIXELS = old
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        img = _identify(data)
+    except Image.DecompressionBombError as e:  # a plugin's own check of the global limit (2x MAX_IMAGE_PIXELS)
+        raise ImageTooLargeError(f"{name}: image is above Pillow's decompression-bomb limit ({e})",
+                                 "downscale it") from e
+    except _PLUGIN_ERRORS as e:
         raise UnsupportedImageError(f"{name}: not a readable image ({e})",
                                     "check the file; supported: PNG, JPEG, BMP, TIFF, WebP") from e
+    if img is None:
+        raise UnsupportedImageError(f"{name}: not a readable image (cannot identify image file)",
+                                    "check the file; supported: PNG, JPEG, BMP, TIFF, WebP")
     w, h = img.size
     if w * h > max_pixels:
-        raise ImageTooLargeError(f"{name}: image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,}",
-                        "downscale it, or raise data.max_image_pixels")
+        raise _too_large(name, w, h, max_pixels)
     if w == 0 or h == 0:
         raise DataError(f"{name}: image has zero size", "remove it")
     return img
@@ -56,7 +105,7 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
 def _to_array(img: Image.Image, name: str) -> np.ndarray:
     try:
         img.load()
-    except (OSError, ValueError, SyntaxError) as e:
+    except _PLUGIN_ERRORS as e:
         raise DataError(f"{name}: image data is truncated or damaged ({e})", "re-export or remove the file") from e
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):

@@ -6,6 +6,7 @@ small, and become float only on the training worker (:func:`to_batch`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,6 +14,9 @@ import numpy as np
 
 from components.data import manifest
 from components.data.images import DEFAULT_MAX_PIXELS, resize_image, resize_mask
+from components.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def prepare_target(rec: Mapping[str, Any], image_size: tuple[int, int], shape: tuple[int, int] | None = None,
@@ -46,7 +50,10 @@ def prepare_row(rec: Mapping[str, Any], image_size: tuple[int, int],
 def prepare_rows(rows: Sequence[Mapping[str, Any]], image_size: tuple[int, int],
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
     """Column-wise batch of :func:`prepare_row` results (what a Ray Data ``map_batches`` returns)."""
-    out = [prepare_row(r, image_size, max_pixels) for r in rows]
+    return _columns([prepare_row(r, image_size, max_pixels) for r in rows], image_size)
+
+
+def _columns(out: list[dict[str, Any]], image_size: tuple[int, int]) -> dict[str, np.ndarray]:
     return {
         "sample_id": np.array([o["sample_id"] for o in out], dtype=object),
         "image": np.stack([o["image"] for o in out]) if out else np.zeros((0, 3, *image_size), np.uint8),
@@ -54,6 +61,19 @@ def prepare_rows(rows: Sequence[Mapping[str, Any]], image_size: tuple[int, int],
         "label": np.array([o["label"] for o in out], dtype=np.float32),
         "has_mask": np.array([o["has_mask"] for o in out], dtype=bool),
     }
+
+
+def prepare_usable_rows(rows: Sequence[Mapping[str, Any]], image_size: tuple[int, int],
+                        max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+    """:func:`prepare_rows` of the rows that decode; a row whose image or mask cannot be read is logged and left
+    out, so one bad file never costs a training run."""
+    usable = []
+    for r in rows:
+        try:
+            usable.append(prepare_row(r, image_size, max_pixels))
+        except DataError as e:
+            log.warning("skipping %s: %s", r.get("sample_id"), e.message)
+    return _columns(usable, image_size)
 
 
 def to_batch(arrays: Mapping[str, Any], device: Any = "cpu", generator: Any = None, hflip: bool = False,
@@ -67,7 +87,10 @@ def to_batch(arrays: Mapping[str, Any], device: Any = "cpu", generator: Any = No
     from components.models.base import Batch
 
     def t(x: Any) -> torch.Tensor:
-        return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+        if isinstance(x, torch.Tensor):
+            return x
+        a = np.asarray(x)
+        return torch.from_numpy(a if a.flags.writeable else a.copy())  # Ray hands out read-only arrays
 
     masks = t(arrays["mask"]).to(device).float()
     labels = t(arrays["label"]).to(device).float()

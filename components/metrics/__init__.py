@@ -8,6 +8,9 @@ from components.metrics.anomaly import aupro, choose_threshold, pixel_entry, pro
 from components.metrics.image import auc_from_histograms, average_precision, f1_max_threshold, pixel_roc_auc, roc_auc
 from components.metrics.saliency import (
     as_prob_map,
+    e_measure,
+    e_measure_curve,
+    e_measure_from_counts,
     f_max,
     iou,
     mae,
@@ -32,6 +35,9 @@ __all__ = [
     "average_precision",
     "choose_threshold",
     "confusion",
+    "e_measure",
+    "e_measure_curve",
+    "e_measure_from_counts",
     "f1_max_threshold",
     "f_max",
     "image_stats",

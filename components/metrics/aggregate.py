@@ -48,10 +48,11 @@ def image_stats(
     no pixel annotation (then only prediction-side fields are returned, with ``has_mask: False``, so that weakly
     labelled images still flow through the same code). ``threshold`` binarises the map for IoU and the confusion
     counts; ``min_pixels`` is how many predicted pixels make the image "predicted defective" (``pred_nonempty``).
-    ``wfm`` is None on an empty mask, where the weighted F-measure carries no information. ``map_max`` (always
-    present) is the image score of the segmentation head, for the seg-image AUROC; ``pixel`` (with a mask) is the
-    :func:`components.metrics.anomaly.pixel_entry` behind pixel AUROC / AP and AUPRO (a few kB for a clean
-    image, ~20 kB for a 256×256 image with 10 defect regions).
+    ``wfm`` is None on an empty mask, where the weighted F-measure carries no information; ``e_measure_adaptive``
+    is E_ξ at the adaptive threshold (the E-measure curve is rebuilt on the driver from the histograms).
+    ``map_max`` (always present) is the image score of the segmentation head, for the seg-image AUROC; ``pixel``
+    (with a mask) is the :func:`components.metrics.anomaly.pixel_entry` behind pixel AUROC / AP and AUPRO (a few
+    kB for a clean image, ~20 kB for a 256×256 image with 10 defect regions).
     """
     p = _squeeze_map(prob, "prob").astype(np.float64, copy=False)
     if min_pixels < 1:
@@ -92,7 +93,11 @@ def image_stats(
             "mae": saliency.mae(p, g),
             "iou": (tp + _IOU_SMOOTH) / (tp + fp + fn + _IOU_SMOOTH),  # == saliency.iou(p, g, threshold)
             "wfm": saliency.weighted_fmeasure(p, g) if gt_pixels else None,
-            "sm": saliency.s_measure(p, g),
+            # S on the 8-bit map every reference implementation reads (a PNG): S's region term is 0 for an empty
+            # quadrant unless the map there is exactly constant, so a 1e-6 sigmoid floor would cost up to half a
+            # quadrant's weight that rounding gives back (the PySODMetrics gap of 0.012 on SD-saliency-900)
+            "sm": saliency.s_measure(np.floor(p * 255.0 + 0.5) / 255.0, g),
+            "e_measure_adaptive": saliency.e_measure(p, g),
             "hist_pos": [int(v) for v in hist_pos],
             "hist_neg": [int(v) for v in hist_neg],
             "pixel": anomaly.pixel_entry(p, g),
@@ -113,6 +118,24 @@ def _clean(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)
     return value
+
+
+def _e_measures(masked: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """Mean-E and max-E from the mean-over-images E-measure curve, and the mean adaptive E.
+
+    Stats written before the E-measure existed carry the histograms but no adaptive value: the curve-based values
+    are still computed, the adaptive one is None rather than a mean over part of the set.
+    """
+    curves = [saliency.e_measure_curve(s["hist_pos"], s["hist_neg"]) for s in masked]
+    if len({c.size for c in curves}) != 1:
+        raise ValueError("all histograms must have the same number of bins to average E-measure curves")
+    curve = np.mean(curves, axis=0)
+    adaptive = [s.get("e_measure_adaptive") for s in masked]
+    return {
+        "e_measure_mean": float(curve.mean()),
+        "e_measure_max": float(curve.max()),
+        "e_measure_adaptive": None if any(a is None for a in adaptive) else _mean(adaptive),
+    }
 
 
 def _anomaly_pixel_metrics(masked: Sequence[Mapping[str, Any]], fpr_limit: float) -> dict[str, Any]:
@@ -159,17 +182,18 @@ def summarize(
     to report on a defect-free or unlabelled split: image_auroc / image_ap need both classes among the labelled
     images; segmentation metrics need images with masks; wfm, f_max, sample_miou and seg_recall need defective
     masks. Averaging rules: mae, iou and sm are means over all images with masks (``iou`` uses the empty/empty = 1
-    convention); wfm is a mean over defective masks only; f_max (β² = ``beta2``) averages precision/recall over
-    defective masks; sample_miou, seg_recall (IoU >= ``seg_iou_threshold``, 0 = any overlap) and seg_accuracy
-    follow :mod:`components.metrics.sample`.
+    convention); so are the E-measures, as in PySODMetrics: e_measure_adaptive is the mean per-image E_ξ at the
+    adaptive threshold, e_measure_mean / e_measure_max the mean / max over the ``n_bins`` thresholds of the
+    mean-over-images E_ξ curve; wfm is a mean over defective masks only; f_max (β² = ``beta2``) averages
+    precision/recall over defective masks; sample_miou, seg_recall (IoU >= ``seg_iou_threshold``, 0 = any
+    overlap) and seg_accuracy follow :mod:`components.metrics.sample`.
 
     Anomaly-detection metrics (MVTec AD / anomalib / SuperSimpleNet conventions, see
     :mod:`components.metrics.anomaly` for the binning and its accuracy): image_auroc / image_ap rank the given
     ``scores``; seg_image_auroc ranks ``map_max`` (the segmentation head used as classifier) over the same labels,
     so images without masks count too. pixel_auroc, pixel_ap (pooled pixels) and aupro (FPR up to ``fpr_limit``,
     normalised) need pixel entries with both defect and normal pixels; ``n_defect_regions`` is how many connected
-    regions AUPRO averages over. ``pixel_auroc_binned`` is kept as an alias of pixel_auroc (for stats written
-    before the fine grid existed it falls back to the 256-bin histograms).
+    regions AUPRO averages over.
     """
     stats = list(stats)
     labels = list(labels)
@@ -191,8 +215,10 @@ def summarize(
         "iou_pooled": None,
         "wfm": None,
         "sm": None,
+        "e_measure_mean": None,
+        "e_measure_max": None,
+        "e_measure_adaptive": None,
         "f_max": None,
-        "pixel_auroc_binned": None,
         "sample_miou": None,
         "seg_recall": None,
         "seg_accuracy": None,
@@ -210,6 +236,7 @@ def summarize(
         out["iou"] = _mean(s["iou"] for s in masked)
         out["sm"] = _mean(s["sm"] for s in masked)
         out["wfm"] = _mean(s["wfm"] for s in defective)
+        out.update(_e_measures(masked))
         out["iou_pooled"] = sample_metrics.pooled_iou((s["tp"], s["fp"], s["fn"]) for s in masked)
         exact_iou = [sample_metrics.iou_from_counts(s["tp"], s["fp"], s["fn"]) for s in masked]
         gt_nonempty = [s["gt_pixels"] > 0 for s in masked]
@@ -221,13 +248,7 @@ def summarize(
         out["seg_accuracy"] = sample_metrics.seg_accuracy(gt_nonempty, pred_nonempty)
         if defective:
             out["f_max"] = saliency.f_max(((s["hist_pos"], s["hist_neg"]) for s in defective), beta2=beta2)
-        hist_pos = np.sum([s["hist_pos"] for s in masked], axis=0)
-        hist_neg = np.sum([s["hist_neg"] for s in masked], axis=0)
-        if hist_pos.sum() > 0 and hist_neg.sum() > 0:
-            out["pixel_auroc_binned"] = image_metrics.auc_from_histograms(hist_pos, hist_neg)
         out.update(_anomaly_pixel_metrics(masked, fpr_limit))
-        if out["pixel_auroc"] is not None:
-            out["pixel_auroc_binned"] = out["pixel_auroc"]
 
     pairs = []
     for label, score in zip(labels, scores, strict=True):

@@ -1,8 +1,10 @@
 """Saliency-style segmentation metrics, as used by the surface-defect saliency literature (GMBINet, EDRNet, ...).
 
 The GMBINet authors evaluate with MATLAB scripts (MAE, weighted F-measure, overlap ratio, S-measure, PFOM) plus a
-Python per-image IoU. The functions here re-implement those definitions in numpy so that our numbers are comparable
-with the published tables; every deviation from the MATLAB behaviour is stated in the function's docstring.
+Python per-image IoU; many salient-object-detection papers report with PySODMetrics (``py_sod_metrics``), which
+follows the same MATLAB code. The functions here re-implement those definitions in numpy so that our numbers are
+comparable with the published tables; every deviation from the references is stated in the function's docstring,
+and the unit tests check S-measure, weighted F-measure, MAE, F_max and E-measure against PySODMetrics.
 
 Conventions: ``pred`` is a float map in [0, 1]; ``gt`` is a {0, 1} / bool mask of the same shape (non-bool masks are
 binarised at 0.5, so {0, 255} masks also work).
@@ -18,6 +20,9 @@ from scipy import ndimage
 
 __all__ = [
     "as_prob_map",
+    "e_measure",
+    "e_measure_curve",
+    "e_measure_from_counts",
     "f_max",
     "iou",
     "mae",
@@ -169,12 +174,21 @@ def _region_ssim(p: np.ndarray, g: np.ndarray) -> float:
     return 1.0 if beta == 0 else 0.0
 
 
+def _split_point(g: np.ndarray) -> tuple[int, int]:
+    """Where the region term splits the image: the rounded mask centroid, as a 1-based (row, column).
+
+    PySODMetrics rounds the 0-based centroid half to even and adds 1; MATLAB's ``centroid`` rounds the 1-based one
+    half away from zero. They disagree only when a coordinate ends in exactly .5, which is common on thin or
+    symmetric masks (a 2-pixel-high scratch, an even-sized box), and there moving the split by one line can change
+    S by more than 0.1. We follow PySODMetrics, the implementation papers report.
+    """
+    rows, cols = np.nonzero(g)
+    return int(np.round(rows.mean())) + 1, int(np.round(cols.mean())) + 1
+
+
 def _s_region(p: np.ndarray, g: np.ndarray) -> float:
     h, w = g.shape
-    total = float(g.sum())
-    # 1-based centroid rounded half away from zero, as MATLAB's round(); it is >= 1, so floor(v + 0.5) is that.
-    cx = math.floor(float(np.sum(g.sum(axis=0) * np.arange(1, w + 1))) / total + 0.5)
-    cy = math.floor(float(np.sum(g.sum(axis=1) * np.arange(1, h + 1))) / total + 0.5)
+    cy, cx = _split_point(g)
     area = float(h * w)
     w1 = cx * cy / area
     w2 = (w - cx) * cy / area
@@ -199,9 +213,15 @@ def s_measure(pred: np.ndarray, gt: np.ndarray, alpha: float = 0.5) -> float:
     Pixel-wise scores ignore shape; S_α blends an object-aware term (foreground/background contrast and uniformity)
     with a region-aware term (SSIM over the four quadrants around the mask centroid). Follows the reference MATLAB
     ``StructureMeasure.m``, including its special cases that make it defined on defect-free images: an all-zero
-    mask scores ``1 - mean(pred)`` and an all-one mask scores ``mean(pred)``; the blend is floored at 0. The GMBINet
-    demo script min-max normalises each prediction first (``mapminmax``); here the map is used as given, for the
-    same reason as in :func:`weighted_fmeasure`.
+    mask scores ``1 - mean(pred)`` and an all-one mask scores ``mean(pred)``; the blend is floored at 0. The split
+    point of the region term is rounded as PySODMetrics does (see :func:`_split_point`), which differs from MATLAB
+    on exact .5 centroids. The GMBINet demo script and PySODMetrics (by default) min-max normalise each prediction
+    first (``mapminmax``); here the map is used as given, for the same reason as in :func:`weighted_fmeasure`.
+
+    Beware a cliff in the region term (there and in PySODMetrics): a quadrant with no defect pixel scores 1 only
+    if the map is *exactly* constant there, else 0, so a map with a 1e-6 background loses up to half that
+    quadrant's weight which the same map saved as an 8-bit PNG keeps. Evaluation therefore scores the 8-bit map
+    (:func:`components.metrics.aggregate.image_stats`), as every reference reads maps.
     """
     p, g = _inputs(pred, gt)
     y = float(g.mean())
@@ -274,9 +294,97 @@ def f_max(
     β² = 0.3 weighs precision over recall, the usual saliency choice. Averaging precision and recall over images
     before taking F, rather than pooling pixels, keeps small defects from being drowned by large ones. Images with
     an empty mask are skipped (see :func:`mean_pr_curve`); raises ValueError when no image has defect pixels.
+
+    PySODMetrics returns both this value (F of its mean precision/recall curves, which the unit tests match) and
+    the max of the mean per-image F curve, a different and usually lower number; tables made with its
+    ``Fmeasure``/``FmeasureV2`` "maxF" report the latter.
     """
     precision, recall, _ = mean_pr_curve(hist_pairs)
     denom = beta2 * precision + recall
     num = (1.0 + beta2) * precision * recall
     f = np.divide(num, denom, out=np.zeros_like(num), where=denom > 0)
     return float(f.max())
+
+
+def _enhanced_alignment_sum(tp: np.ndarray, fp: np.ndarray, n_pos: int, n: int) -> np.ndarray:
+    """Sum over pixels of the enhanced alignment term, from confusion counts (one entry per threshold).
+
+    A binarised map and a mask take two values each, so every pixel falls in one of four (prediction, mask) cells
+    and its alignment term depends on the cell only: the sum is four counts times four constants.
+    """
+    pred_fg = tp + fp
+    pred_bg = n - pred_fg
+    if n_pos == 0:  # no defect: only the pixels predicted clean agree with the mask (MATLAB: 1 - FM)
+        return pred_bg
+    if n_pos == n:
+        return pred_fg
+    fn = n_pos - tp
+    tn = pred_bg - fn
+    mean_pred, mean_gt = pred_fg / n, n_pos / n
+    cells = (
+        (tp, 1.0 - mean_pred, 1.0 - mean_gt),
+        (fp, 1.0 - mean_pred, -mean_gt),
+        (fn, -mean_pred, 1.0 - mean_gt),
+        (tn, -mean_pred, -mean_gt),
+    )
+    total = np.zeros_like(pred_fg)
+    for count, phi_pred, phi_gt in cells:
+        align = 2.0 * phi_pred * phi_gt / (phi_pred * phi_pred + phi_gt * phi_gt + _EPS)
+        total = total + count * (align + 1.0) ** 2 / 4.0
+    return total
+
+
+def e_measure_from_counts(
+    tp: np.ndarray | Sequence[int] | int, fp: np.ndarray | Sequence[int] | int, n_pos: int, n: int
+) -> np.ndarray:
+    """E-measure of one image binarised at one or more thresholds, from its confusion counts.
+
+    ``tp`` / ``fp`` are the defect / background pixels predicted defective (one entry per threshold), ``n_pos`` the
+    defect pixels of the mask and ``n`` all pixels. Counts are all the measure needs, which is what lets the
+    driver rebuild the threshold curve from the per-image histograms. Divides by ``n - 1`` as the references do.
+    """
+    tp_a = np.asarray(tp, dtype=np.float64)
+    fp_a = np.asarray(fp, dtype=np.float64)
+    if n < 1 or not 0 <= n_pos <= n:
+        raise ValueError(f"need 0 <= n_pos <= n and n >= 1, got n_pos={n_pos}, n={n}")
+    return _enhanced_alignment_sum(tp_a, fp_a, int(n_pos), int(n)) / (n - 1 + _EPS)
+
+
+def e_measure(pred: np.ndarray, gt: np.ndarray, threshold: float | None = None) -> float:
+    """Enhanced-alignment measure E_ξ (Fan, Gong, Cao, Ren, Cheng, Borji, IJCAI 2018) of the binarised map.
+
+    The map is binarised as ``pred >= threshold``; None means the adaptive threshold ``min(2 · mean(pred), 1)``
+    (the "adaptive E" of the tables). E_ξ judges a binary map by local and global agreement at once: each pixel's
+    deviation from the map's mean is compared with the mask's deviation from its mean, so a map with the right
+    pixels but the wrong amount of foreground still loses. Computed as PySODMetrics' ``Emeasure`` (itself the
+    authors' MATLAB code), except that the map is used as given where PySODMetrics min-max normalises it (see
+    :func:`weighted_fmeasure`).
+
+    Quirks of the references are kept so that the numbers stay comparable. The pixel sum is divided by ``n - 1``,
+    so a perfect map scores n/(n-1), a hair above 1. An empty mask (defect-free image) scores the number of pixels
+    predicted clean over ``n - 1``; but the adaptive threshold of an all-zero map is 0, which binarises every pixel
+    as defective, so a perfectly clean map on a defect-free image scores 0 at the adaptive threshold. On the curve
+    (:func:`e_measure_curve`) only the first threshold, 0, has that flaw.
+    """
+    p, g = _inputs(pred, gt)
+    t = min(2.0 * float(p.mean()), 1.0) if threshold is None else float(threshold)
+    b = p >= t
+    tp = np.count_nonzero(b & g)
+    fp = np.count_nonzero(b & ~g)
+    return float(e_measure_from_counts(tp, fp, int(np.count_nonzero(g)), p.size))
+
+
+def e_measure_curve(hist_pos: Sequence[int] | np.ndarray, hist_neg: Sequence[int] | np.ndarray) -> np.ndarray:
+    """One image's E-measure at each threshold ``k / n_bins`` (ascending), from its :func:`pr_curve_counts`.
+
+    The histograms workers already ship hold the counts at every threshold, so the 256-point curve whose mean
+    and max papers report (mean-E, max-E) costs no extra payload. Unlike :func:`mean_pr_curve`, images with an
+    empty mask are defined here and PySODMetrics averages them in; so does :func:`components.metrics.summarize`.
+    """
+    hp = np.asarray(hist_pos, dtype=np.float64).ravel()
+    hn = np.asarray(hist_neg, dtype=np.float64).ravel()
+    if hp.shape != hn.shape:
+        raise ValueError(f"positive and negative histograms differ in length: {hp.size} vs {hn.size}")
+    tp = np.cumsum(hp[::-1])[::-1]
+    fp = np.cumsum(hn[::-1])[::-1]
+    return e_measure_from_counts(tp, fp, int(hp.sum()), int(hp.sum() + hn.sum()))

@@ -1,13 +1,18 @@
 """Model families by name (timm-style): ``create_detector(family, params, preprocessing, postprocessing)``.
 
 A family registers its Detector class, the pydantic model of its constructor parameters and of its loss
-parameters, and a factory for its training objective. Workflows only talk to this module and the Detector contract.
+parameters, a factory for its training objective, and optional hooks (importing published weights, a benchmark
+with the paper's figures). Workflows only talk to this module and the Detector contract.
+
+Like timm's ``_registry.py``, this module imports none of the families: each family package registers itself on
+import, and ``components/models/__init__.py`` imports the built-in ones, so any import of this module (which
+imports its package first) sees them all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -27,6 +32,11 @@ class Family:
     default_postprocessing: Callable[[], Postprocessing]
     description: str = ""
     needs_masks: bool = False  # True: trains only on pixel-supervised rows (a segmenter)
+    # (checkpoint URI, artifact URI) -> artifact URI: converts the authors' published weights
+    import_weights: Callable[[str, str], str] | None = None
+    # (size, iters, threads, onnx, variants) -> bench result with "results" rows and a "paper_note"
+    bench: Callable[..., dict[str, Any]] | None = None
+    paper: dict[str, Any] = field(default_factory=dict)  # the paper's published figures, for reports
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -37,14 +47,7 @@ def register(family: Family) -> Family:
     return family
 
 
-def _load_builtin() -> None:
-    # importing the packages registers them
-    import components.models.gmbinet
-    import components.models.supersimplenet  # noqa: F401
-
-
 def families() -> dict[str, Family]:
-    _load_builtin()
     return dict(_FAMILIES)
 
 

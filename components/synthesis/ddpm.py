@@ -566,11 +566,6 @@ def crops_from_manifest_rows(rows: Iterable[Mapping[str, Any]] | Any, resolution
     return x.float(), m
 
 
-def to_model_range(images01: torch.Tensor) -> torch.Tensor:
-    """[0, 1] -> [−1, 1], the range :func:`training_step` expects."""
-    return images01 * 2 - 1
-
-
 def train_on_rows(rows: Iterable[Mapping[str, Any]] | Any, params: InpaintDDPMParams | None = None, *,
                   steps: int = 2000, batch_size: int = 16, lr: float = 2e-4, mask_weight: float = 1.0,
                   context: float = DEFAULT_CONTEXT, min_side: int = DEFAULT_MIN_SIDE, jitter: float = 0.1,

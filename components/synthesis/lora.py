@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from components import storage
 from components.errors import DataError, StorageError, WeightsError
 
 log = logging.getLogger(__name__)
@@ -252,10 +253,8 @@ def load_lora(pipe: Any, dir_or_uri: str, adapter_name: str = "defect", weight: 
               activate: bool = True) -> str:
     """Load a diffusers-format LoRA (local folder, file or s3:// URI, cached once per process) as ``adapter_name``.
     With ``activate``, it joins the already active adapters at ``weight``; returns the adapter name."""
-    from components.synthesis.generators.diffusion import local_dir
-
     try:
-        local = local_dir(dir_or_uri)
+        local = storage.cached_local_dir(dir_or_uri)
     except StorageError as e:
         raise WeightsError(f"LoRA {dir_or_uri} is not readable: {e.message}",
                            "give a folder written by save_lora (or any diffusers LoRA), local or s3://") from e

@@ -36,6 +36,7 @@ from scipy import ndimage
 from components.data.images import resize_mask
 from components.data.procedural import polyline_alpha, random_walk, smooth_noise
 from components.errors import ConfigError, DataError
+from components.noise import perlin_rotated
 
 log = logging.getLogger(__name__)
 
@@ -151,39 +152,6 @@ def aspect_ratio(mask: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------------------ perlin
 
 
-def _perlin_at(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Gradient (Perlin) noise at lattice coordinates, about [-1, 1]; the lattice is sized to the coordinates."""
-    yy = yy - np.floor(yy.min())
-    xx = xx - np.floor(xx.min())
-    yi, xi = np.floor(yy).astype(np.int64), np.floor(xx).astype(np.int64)
-    fy, fx = (yy - yi).astype(np.float32), (xx - xi).astype(np.float32)
-    angles = rng.uniform(0.0, 2.0 * np.pi, (int(yi.max()) + 2, int(xi.max()) + 2)).astype(np.float32)
-    gy, gx = np.sin(angles), np.cos(angles)
-
-    def dot(oy: int, ox: int) -> np.ndarray:
-        return gy[yi + oy, xi + ox] * (fy - oy) + gx[yi + oy, xi + ox] * (fx - ox)
-
-    def fade(t: np.ndarray) -> np.ndarray:
-        return t * t * t * (t * (t * 6 - 15) + 10)
-
-    u, v = fade(fx), fade(fy)
-    top = dot(0, 0) + u * (dot(0, 1) - dot(0, 0))
-    bottom = dot(1, 0) + u * (dot(1, 1) - dot(1, 0))
-    return np.float32(math.sqrt(2.0)) * (top + v * (bottom - top))
-
-
-def perlin_noise(shape: tuple[int, int], rng: np.random.Generator, cells: tuple[float, float],
-                 angle: float = 0.0) -> np.ndarray:
-    """Perlin noise over ``shape`` with ``cells`` (rows, cols) lattice cells, rotated by ``angle`` radians."""
-    h, w = shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    yy, xx = yy - h / 2, xx - w / 2
-    ca, sa = math.cos(angle), math.sin(angle)
-    u = (yy * ca - xx * sa) * np.float32(cells[0] / max(h, 1))
-    v = (yy * sa + xx * ca) * np.float32(cells[1] / max(w, 1))
-    return _perlin_at(u, v, rng)
-
-
 def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(math.exp(rng.uniform(math.log(lo), math.log(hi)))) if hi > lo else float(lo)
 
@@ -196,7 +164,7 @@ def perlin_mask(shape: tuple[int, int], rng: np.random.Generator, threshold: flo
     elongated in a random direction). The result may be empty for high thresholds; callers redraw.
     """
     cells = (_log_uniform(rng, *scale_range), _log_uniform(rng, *scale_range))
-    noise = perlin_noise(shape, rng, cells, angle=float(rng.uniform(0, math.pi)))
+    noise = perlin_rotated(shape, rng, cells, angle=float(rng.uniform(0, math.pi)))
     return (noise > threshold).astype(np.uint8)
 
 
@@ -318,7 +286,7 @@ def _blob(rng: np.random.Generator, area: int, stretch: float, geo: dict[str, fl
 
 def _perlin_patch(rng: np.random.Generator, area: int, stretch: float, geo: dict[str, float]) -> np.ndarray:
     r, _ = _ellipse_field(area * 2, stretch, geo["angle"], pad=1.3)
-    noise = perlin_noise(r.shape, np.random.default_rng(int(geo["noise_seed"])), (geo["cells"], geo["cells"]))
+    noise = perlin_rotated(r.shape, np.random.default_rng(int(geo["noise_seed"])), (geo["cells"], geo["cells"]))
     field = np.clip(1.0 - r, 0.0, None) * (1.0 + noise) + _tiebreak(rng, r.shape)
     return crop_to_content(_top_k(field, area, connected=False))
 

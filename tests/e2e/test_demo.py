@@ -24,8 +24,19 @@ def test_demo_small(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "defectflow demo finished" in r.stdout
     res = json.loads(r.stdout[r.stdout.index("{\n"):])
-    assert [s["step"] for s in res["steps"]] == ["ray", "ingest", "train", "sweep", "serve", "http"]
+    assert [s["step"] for s in res["steps"]] == ["ray", "ingest", "train", "sweep", "winner", "serve", "http"]
     assert 0.0 <= res["http"]["score"] <= 1.0
+    # the served model is the best candidate on validation, whichever step made it, and it is `production`
+    winner = res["winner"]
+    assert winner["val"] == max(c["val"] for c in winner["candidates"] if c["val"] is not None)
+    aliases = json.loads((out / "models" / "gmbinet" / "aliases.json").read_text())
+    assert winner["uri"].endswith(f"/models/gmbinet/{aliases['production']}")
+    # the console is for people: a line per step (and per epoch), Ray's own output in the demo's log file
+    assert len(r.stderr.splitlines()) < 60, r.stderr
+    for noise in ("Token authentication", "core_worker.cc", "RayDeprecationWarning", "split(", "Reporting training"):
+        assert noise not in r.stderr + r.stdout, noise
+    logs = list((out / "logs").glob("demo-*.log"))
+    assert len(logs) == 1 and "Started a local Ray instance" in logs[0].read_text()
     assert (out / "reports" / "http_defect_map.png").exists()
     assert (out / "reports" / "gmbinet-procedural" / "sheet.png").exists()
     assert (out / "reports" / "sweep-demo" / "trials.md").exists()

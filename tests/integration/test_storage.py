@@ -7,7 +7,7 @@ import os
 import pyarrow as pa
 import pytest
 
-from components import storage
+from components import artifact, catalog, storage
 from components.errors import StorageError
 
 
@@ -111,25 +111,77 @@ def test_missing_object_is_a_storage_error(root):
 
 
 def test_layout_and_registry(root):
-    layout = storage.Layout(root)
+    layout = catalog.Layout(root)
     assert layout.manifest("mt").endswith("datasets/mt/manifest.parquet")
     assert layout.features("efficientnet_lite0", "mt").endswith("features/efficientnet_lite0/mt")
     assert layout.model("gmbinet", "3").endswith("models/gmbinet/3")
-    assert layout.next_version("gmbinet") == "1"
-    for v in ("1", "2"):
-        storage.write_json(storage.join(layout.model("gmbinet", v), "detector.json"), {"v": v})
+    assert layout.claim_version("gmbinet") == "1"
+    assert layout.versions("gmbinet") == []  # claimed, not complete: never listed
+    storage.write_json(storage.join(layout.model("gmbinet", "1"), "detector.json"), {"v": "1"})
+    assert layout.claim_version("gmbinet") == "2"
+    storage.write_json(storage.join(layout.model("gmbinet", "2"), "detector.json"), {"v": "2"})
     assert layout.versions("gmbinet") == ["1", "2"]
-    assert layout.next_version("gmbinet") == "3"
-    assert storage.resolve_model(layout.models("gmbinet")) == layout.model("gmbinet", "2")
+    assert layout.claim_version("gmbinet") == "3"
+    assert catalog.resolve_model(layout.models("gmbinet")) == layout.model("gmbinet", "2")
     layout.set_alias("gmbinet", "production", "1")
-    assert storage.resolve_model(layout.models("gmbinet")) == layout.model("gmbinet", "1")
-    assert storage.resolve_model(layout.models("gmbinet") + "@latest") == layout.model("gmbinet", "2")
-    assert storage.resolve_model(layout.models("gmbinet") + "@2") == layout.model("gmbinet", "2")
-    assert storage.resolve_model(layout.model("gmbinet", "2")) == layout.model("gmbinet", "2")
+    assert catalog.resolve_model(layout.models("gmbinet")) == layout.model("gmbinet", "1")
+    assert catalog.resolve_model(layout.models("gmbinet") + "@latest") == layout.model("gmbinet", "2")
+    assert catalog.resolve_model(layout.models("gmbinet") + "@2") == layout.model("gmbinet", "2")
+    assert catalog.resolve_model(layout.model("gmbinet", "2")) == layout.model("gmbinet", "2")
     with pytest.raises(StorageError, match="no version 9"):
         layout.set_alias("gmbinet", "production", "9")
     with pytest.raises(StorageError, match="no model artifact"):
-        storage.resolve_model(layout.models("other"))
+        catalog.resolve_model(layout.models("other"))
+
+
+def test_create_only_claims_once(root):
+    uri = storage.join(root, "claims/one.json")
+    assert storage.create_only(uri, b"first")
+    assert not storage.create_only(uri, b"second")
+    assert storage.read_bytes(uri) == b"first"
+
+
+def test_concurrent_registrations_never_share_a_version(root):
+    """8 threads register the same model at once: 8 distinct versions, none overwritten (the race the catalog had
+    when it listed versions and then wrote)."""
+    import threading
+
+    from tests.helpers import random_artifact
+
+    src = random_artifact(storage.join(root, "src"), size=32)
+    layout = catalog.Layout(root)
+    barrier = threading.Barrier(8)
+    got: list[str] = []
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            got.append(artifact.register(src, layout, "race", lineage={"writer": i}))
+        except BaseException as e:  # surfaced by the assert below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert sorted(storage.basename(u) for u in got) == [str(v) for v in range(1, 9)]
+    assert layout.versions("race") == [str(v) for v in range(1, 9)]
+    writers = {artifact.read_meta(u)["lineage"]["writer"] for u in got}
+    assert writers == set(range(8))  # every registration kept its own detector.json
+
+
+@pytest.mark.parametrize("bad", ["../../escaped", "a/b", ".hidden", "", "x" * 300])
+def test_names_that_become_paths_are_validated(tmp_path, bad):
+    from components.errors import ConfigError
+
+    layout = catalog.Layout(str(tmp_path))
+    with pytest.raises(ConfigError, match="invalid"):
+        layout.models(bad)
+    with pytest.raises(ConfigError, match="invalid"):
+        layout.run(bad)
 
 
 def test_uri_normalisation(tmp_path, monkeypatch):

@@ -9,13 +9,13 @@ import json
 import numpy as np
 import pytest
 
-from components import storage
-from components.config import validate
+from components import artifact, storage
+from components.config import SynthesizeConfig, SynthTrainConfig, validate
 from components.data import manifest
 from components.synthesis.labels import boxes_from_mask
 from components.synthesis.tiny_pipelines import build_tiny_sd_inpaint, build_tiny_sdxl_inpaint
 from tests.helpers import procedural_manifest, train_config
-from workflows import synthesize, train, train_synth
+from workflows import features, synthesize, train, train_data, train_synth
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
@@ -30,7 +30,7 @@ def synth_cfg(root: str, man: str, name: str, **over):
     data = {"name": name, "manifest": man, "count": 6, "shard_size": 3, "seed": 1,
             "storage": {"root": root, "s3_endpoint_url": storage.settings().endpoint_url},
             "ray": {"progress_bars": False}, **over}
-    return validate(synthesize.SynthesizeConfig, data, "test synth config")
+    return validate(SynthesizeConfig, data, "test synth config")
 
 
 def check_shards(res, generator: str):
@@ -70,7 +70,7 @@ def test_tiny_sd_and_sdxl_through_ray_data_to_s3(ray_session, source, s3_bucket,
 def test_lora_trained_on_ray_train_is_used_by_the_generator(ray_session, source, tmp_path):
     root, man = source
     pipe = build_tiny_sd_inpaint(tmp_path / "sd")
-    cfg = validate(train_synth.SynthTrainConfig, {
+    cfg = validate(SynthTrainConfig, {
         "name": "lora-test", "kind": "lora", "manifest": man, "resolution": 64, "epochs": 1, "batch_size": 4,
         "max_crops": 8, "lora": {"model": pipe, "rank": 4, "alpha": 4},
         "storage": {"root": root}, "ray": {"progress_bars": False}}, "lora config")
@@ -85,7 +85,7 @@ def test_lora_trained_on_ray_train_is_used_by_the_generator(ray_session, source,
 
 def test_own_ddpm_trains_and_generates_and_jobs_resume(ray_session, source):
     root, man = source
-    cfg = validate(train_synth.SynthTrainConfig, {
+    cfg = validate(SynthTrainConfig, {
         "name": "ddpm-test", "kind": "ddpm", "manifest": man, "resolution": 32, "epochs": 2, "batch_size": 8,
         "ddpm": {"block_out_channels": [16, 32], "prediction_type": "v_prediction"},
         "storage": {"root": root}, "ray": {"progress_bars": False}}, "ddpm config")
@@ -137,7 +137,11 @@ def test_export_and_mixing_into_training(ray_session, source, tmp_path):
     assert out and (tmp_path / "yolo" / "data.yaml").exists()
     res = train.run(train_config(root, man, name="with-synth", optim={"epochs": 1},
                                  data={"synthetic": {"source": syn.uri, "count": 8}}))
-    assert res.metrics["test_iou"] is not None
+    lineage = artifact.read_meta(res.artifact_uri)["lineage"]
+    assert lineage["train_config"]["data"]["synthetic"] == {"source": syn.uri, "count": 8}
+    real, mixed = train.rows_for(train_config(root, man, name="x")), train.rows_for(train_config(
+        root, man, name="x", data={"synthetic": {"source": syn.uri, "count": 8}}))
+    assert mixed[1].num_rows == real[1].num_rows + 8  # the run saw the 8 synthetic samples
     # the cached-feature path reads the synthetic set's own feature shards too (they are not in the manifest's)
     import pyarrow.compute as pc
 
@@ -146,9 +150,10 @@ def test_export_and_mixing_into_training(ray_session, source, tmp_path):
                            "backbone": {"name": "efficientnet_lite0", "weights": "random"},
                            "seg_hidden": 16, "cls_hidden": 8}},
                        data={"features": "auto", "synthetic": {"source": syn.uri, "count": 8}})
-    _, table = train.training_table(ssn)
-    uris = train.resolve_features(ssn, ssn.storage.apply())
+    ssn.storage.apply()
+    _, table = train.rows_for(ssn)
+    uris = features.for_training(ssn)
     assert len(uris) == 2 and uris[0] != uris[1]
     train_rows = table.filter(pc.equal(table["split"], "train"))
     assert int(pc.sum(pc.equal(train_rows["source"], "synthetic")).as_py()) == 8
-    assert train.build_datasets(table, ssn, uris)["train"].count() == train_rows.num_rows
+    assert train_data.build(table, ssn, uris)["train"].count() == train_rows.num_rows

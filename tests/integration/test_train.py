@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from components import artifact, storage
+from components import artifact, catalog, storage
 from components.data import manifest
 from components.errors import ResourceError, WeightsError
 from tests.helpers import procedural_manifest, random_artifact, train_config
@@ -23,7 +23,7 @@ def test_train_evaluates_registers_and_learns(ray_session, tmp_path, local_manif
     cfg = train_config(str(tmp_path / "store"), local_manifest, name="learn",
                        optim={"epochs": 6}, model={"params": {"n": 4}})
     res = train.run(cfg)
-    layout = storage.Layout(cfg.storage.root)
+    layout = catalog.Layout(cfg.storage.root)
     # artifact in the run folder and a registered copy
     assert storage.exists(storage.join(res.artifact_uri, "model.safetensors"))
     assert res.registered_uri == layout.model("gmbinet", "1")
@@ -35,13 +35,14 @@ def test_train_evaluates_registers_and_learns(ray_session, tmp_path, local_manif
     assert storage.read_bytes(res.sheet_uri)[:8] == b"\x89PNG\r\n\x1a\n"
     history = storage.read_json(storage.join(res.report_uri, "history.json"))
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert storage.read_bytes(res.curves_uri)[:8] == b"\x89PNG\r\n\x1a\n"  # the training curves
     # it learned: an untrained GMBINet's map is flat (pixel AUROC ~0.5); six epochs separate defect pixels from
     # the background on held-out images, and the training loss falls
-    assert res.metrics["test_pixel_auroc_binned"] > 0.75, res.metrics
+    assert res.metrics["test_pixel_auroc"] > 0.75, res.metrics
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     untrained = evaluate(random_artifact(str(tmp_path / "untrained"), size=64, n=4), manifest.read(local_manifest),
                          split="test", sheet_images=0)
-    assert untrained.metrics["pixel_auroc_binned"] < res.metrics["test_pixel_auroc_binned"] - 0.1
+    assert untrained.metrics["pixel_auroc"] < res.metrics["test_pixel_auroc"] - 0.1
 
 
 def test_rerun_resumes_from_last_checkpoint(ray_session, tmp_path, local_manifest):
@@ -51,7 +52,7 @@ def test_rerun_resumes_from_last_checkpoint(ray_session, tmp_path, local_manifes
     history = storage.read_json(storage.join(res.report_uri, "history.json"))
     assert [h["epoch"] for h in history] == [1, 2, 3]
     # the first run's epoch-1 checkpoint was reused, not retrained: three epochs in all, two registered versions
-    assert storage.Layout(root).versions("gmbinet") == ["1", "2"]
+    assert catalog.Layout(root).versions("gmbinet") == ["1", "2"]
 
 
 def test_resume_with_another_model_is_refused(ray_session, tmp_path, local_manifest):
@@ -65,8 +66,12 @@ def test_two_workers_ddp(ray_session, tmp_path, local_manifest):
     cfg = train_config(str(tmp_path / "store"), local_manifest, name="ddp", optim={"epochs": 1},
                        scaling={"num_workers": 2, "cpus_per_worker": 1})
     res = train.run(cfg)
-    assert res.metrics["test_iou"] >= 0.0
     assert storage.exists(storage.join(res.run_uri, "artifact", "detector.json"))
+    # validation during training scored every validation image once, as evaluation does on the same split
+    table = manifest.read(local_manifest)
+    val = evaluate(res.artifact_uri, table, split="val", sheet_images=0)
+    assert res.val_metrics["val_images"] == val.metrics["n_images"] == manifest.summary(table)["val"]["rows"]
+    assert res.val_metrics["val_iou_pooled"] == pytest.approx(val.metrics["iou_pooled"], abs=0.02)
 
 
 def test_unsatisfiable_resources_fail_fast(ray_session, tmp_path, local_manifest):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+from PIL import Image
 
 from components import storage
 from components.data import adapters, manifest
@@ -127,11 +129,20 @@ def test_duplicate_stems_are_named(tmp_path):
 
 def test_unreadable_and_oversized_images(tmp_path):
     fx.write_image(tmp_path / "good" / "a.png", size=(100, 100))
-    with pytest.raises(DataError, match="above the limit"):
+    with pytest.raises(DataError, match="above the limit"):  # nothing readable left: the reason is named
         adapters.ingest("folder", str(tmp_path), max_pixels=5000)
-    (tmp_path / "good" / "b.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"b\.png"):
-        adapters.ingest("folder", str(tmp_path))
+    (tmp_path / "good" / "b.png").write_bytes(b"not a png, a text file named .png")
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, format="JPEG")
+    (tmp_path / "good" / "c.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])  # cut: header intact
+    scan = adapters.scan_dataset("folder", str(tmp_path))
+    assert scan.table["sample_id"].to_pylist() == [f"{tmp_path.name}/good/a"]
+    reasons = {r["sample_id"].rsplit("/", 1)[-1]: r["reason"] for r in scan.rejected}
+    assert set(reasons) == {"b", "c"}
+    assert "not a readable image" in reasons["b"] and "truncated" in reasons["c"].lower()
+    unverified = adapters.scan_dataset("folder", str(tmp_path), verify=False)  # headers only: c passes
+    assert len(unverified.table) == 2 and len(unverified.rejected) == 1
 
 
 def test_embed_copies_bytes_and_keeps_provenance(tmp_path):

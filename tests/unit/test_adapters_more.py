@@ -94,8 +94,11 @@ def test_kolektorsdd_fold_is_the_test_split_and_val_comes_from_the_other_parts(t
 def test_kolektorsdd_mask_size_mismatch(tmp_path):
     root = fx.build_kolektorsdd(tmp_path / "ksdd")
     fx.write_mask(root / "kos02" / "Part0_label.bmp", size=(10, 10))
-    with pytest.raises(DataError, match=r"Part0_label\.bmp is 10x10"):
-        adapters.ingest("kolektorsdd", str(root))
+    scan = adapters.scan_dataset("kolektorsdd", str(root))  # reported and left out, the rest ingested
+    bad = [r for r in scan.rejected if r["sample_id"].endswith("kos02/Part0")]
+    assert len(bad) == 1 and "Part0_label.bmp is 10x10" in bad[0]["reason"]
+    assert not any(s.endswith("kos02/Part0") for s in scan.table["sample_id"].to_pylist())
+    assert scan.table.num_rows > 0
 
 
 # ------------------------------------------------------------------------------------------ kolektorsdd2

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from components import artifact, storage
+from components import artifact, catalog
 from components.errors import WeightsError
 from components.inference import infer, infer_batch
 from components.models import registry
@@ -30,7 +30,7 @@ def test_save_load_roundtrip_and_registry(tmp_path):
     x = torch.rand(2, 3, 50, 70)
     a, b = det(x), loaded(x)
     assert torch.allclose(a.anomaly_map, b.anomaly_map) and torch.allclose(a.score, b.score)
-    layout = storage.Layout(str(tmp_path / "root"))
+    layout = catalog.Layout(str(tmp_path / "root"))
     v1 = artifact.register(uri, layout, "m")
     v2 = artifact.register(det, layout, "m", threshold=0.4)
     assert v1.endswith("/m/1") and v2.endswith("/m/2")

@@ -321,7 +321,7 @@ def test_s3_model_and_lora_are_downloaded_once(tmp_path, tiny_sd, s3_bucket, mon
     g = create_generator("diffusion", opts)
     assert g.pipe.get_active_adapters() == ["lora0"]
     assert g.model_class == "StableDiffusionInpaintPipeline"
-    cached = sorted(os.listdir(tmp_path / "cache" / "diffusers"))
+    cached = sorted(os.listdir(tmp_path / "cache" / "copies"))
     assert len(cached) == 2 and not any(c.startswith(".tmp") for c in cached)
     storage.delete(f"{s3_bucket}/models/tiny-sd", recursive=True)  # a second load must not need S3
     g2 = create_generator("diffusion", opts)

@@ -17,6 +17,8 @@ from components.metrics import (
     auc_from_histograms,
     average_precision,
     confusion,
+    e_measure,
+    e_measure_curve,
     f1_max_threshold,
     f_max,
     image_stats,
@@ -282,7 +284,8 @@ def test_s_measure_hand_computed():
     #         bg values 1 - [0, 0] = [1, 1]: O_BG = 2 / (1 + 1 + 0) = 1 ; u = 2/4 -> S_o = .5 O_FG + .5
     o_fg = 1.0 / (1.25 + math.sqrt(0.18))
     s_obj = 0.5 * o_fg + 0.5
-    # region: centroid X = round((2 + 3) / 2) = round(2.5) = 3 (MATLAB rounds half away from 0), Y = 1
+    # region: 0-based centroid column (1 + 2) / 2 = 1.5, rounded half to even (PySODMetrics) = 2, 1-based X = 3;
+    #   row 0 -> Y = 1 (MATLAB's round(2.5) = 3 agrees here; the tie rule matters in test_metrics_sod_oracle.py)
     #   w1 = 3*1/4, w2 = (4-3)*1/4, w3 = w4 = 0
     #   LT: pred [0, .8, .2], gt [0, 1, 1]: x = 1/3, y = 2/3, N - 1 = 2
     #     var_x = (1/9 + (.8-1/3)^2 + (.2-1/3)^2) / 2 ; var_y = (4/9 + 1/9 + 1/9) / 2 = 1/3
@@ -315,6 +318,39 @@ def test_weighted_fmeasure_sanity():
     assert weighted_fmeasure(np.ones((5, 5)), np.zeros((5, 5)), empty_value=0.0) == 0.0
     # a mask covering the whole image has no background term
     assert weighted_fmeasure(np.ones((5, 5)), np.ones((5, 5))) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_e_measure_hand_computed():
+    pred = np.array([[0.9, 0.6], [0.1, 0.0]])
+    gt = np.array([[1, 0], [0, 0]])
+    # threshold 0.5 -> binary [[1, 1], [0, 0]]: tp 1, fp 1, fn 0, tn 2 ; mean(binary) = 0.5, mean(gt) = 0.25
+    # deviations from the means: predicted fg +0.5, bg -0.5 ; gt fg +0.75, bg -0.25
+    # align = 2ab / (a² + b²), enhanced = (1 + align)² / 4:
+    #   tp: a .5,  b .75  -> align .75/.8125 = 12/13 -> (25/13)² / 4 = 625/676
+    #   fp: a .5,  b -.25 -> align -.25/.3125 = -.8 -> .2² / 4 = .01
+    #   tn: a -.5, b -.25 -> align .8                -> 1.8² / 4 = .81 (2 pixels)
+    # E = sum / (n - 1) = (625/676 + .01 + 1.62) / 3
+    assert e_measure(pred, gt, threshold=0.5) == pytest.approx((625 / 676 + 0.01 + 1.62) / 3, abs=1e-12)
+    # adaptive threshold 2 * mean = 0.8 -> [[1, 0], [0, 0]] = the mask: every term is 1, E = n / (n - 1) = 4/3
+    assert e_measure(pred, gt) == pytest.approx(4 / 3)
+    # empty mask: pixels predicted clean / (n - 1); the adaptive threshold of an all-zero map is 0, so every pixel
+    # counts as predicted defective and a clean map scores 0 (the references' behaviour, kept for comparability)
+    clean = np.zeros((2, 2))
+    assert e_measure(clean, np.zeros((2, 2)), threshold=0.5) == pytest.approx(4 / 3)
+    assert e_measure(clean, np.zeros((2, 2))) == 0.0
+    assert e_measure(np.array([[0.9, 0.0], [0.0, 0.0]]), np.zeros((2, 2))) == pytest.approx(3 / 3)
+    # full mask: pixels predicted defective / (n - 1)
+    assert e_measure(np.array([[0.9, 0.9], [0.9, 0.0]]), np.ones((2, 2)), threshold=0.5) == pytest.approx(3 / 3)
+
+
+def test_e_measure_curve_matches_thresholding():
+    rng = np.random.default_rng(6)
+    for gt in (_blob_mask((20, 24), (3, 9, 5, 15)), np.zeros((20, 24)), np.ones((20, 24))):
+        pred = rng.integers(0, 256, gt.shape) / 255  # on the uint8 grid: bin k holds grey level k
+        curve = e_measure_curve(*pr_curve_counts(pred, gt))
+        assert curve.shape == (256,)
+        expected = [e_measure(pred, gt, threshold=k / 256) for k in range(256)]
+        np.testing.assert_allclose(curve, expected, rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -397,7 +433,8 @@ def test_image_stats_contract():
     stats = _mixed_set()
     json.dumps(stats, allow_nan=False)  # JSON-able, no NaN
     s0 = stats[0]
-    for key in ("mae", "iou", "wfm", "sm", "tp", "fp", "fn", "tn", "gt_pixels", "pred_pixels", "hist_pos", "hist_neg"):
+    keys = ("mae", "iou", "wfm", "sm", "e_measure_adaptive", "tp", "fp", "fn", "tn", "gt_pixels", "pred_pixels")
+    for key in (*keys, "hist_pos", "hist_neg"):
         assert key in s0
     assert s0["has_mask"] is True
     assert (s0["tp"], s0["fp"], s0["fn"], s0["tn"]) == (36, 0, 0, 220)
@@ -450,7 +487,10 @@ def test_summarize_mixed_set():
     assert out["image_auroc"] == pytest.approx(0.75)
     assert out["image_ap"] == pytest.approx(average_precision_score([1, 0, 0, 1], [0.9, 0.2, 0.6, 0.3]))
     assert 0 < out["f_max"] <= 1 and 0 < out["wfm"] <= 1 and 0 < out["sm"] <= 1
-    assert out["pixel_auroc_binned"] is not None
+    # E-measures average over all masked images (defect-free ones too, as PySODMetrics); max >= mean of one curve
+    assert 0 < out["e_measure_mean"] <= out["e_measure_max"] <= 1 + 1 / 255
+    assert out["e_measure_adaptive"] == pytest.approx(np.mean([s["e_measure_adaptive"] for s in stats[:4]]))
+    assert out["pixel_auroc"] is not None
     # pred-only images join sample_miou on request: (1 + 0 + 0) / 3
     assert summarize(stats, labels, scores, include_pred_only=True)["sample_miou"] == pytest.approx(1 / 3)
 
@@ -466,8 +506,14 @@ def test_summarize_degenerate_sets_give_none():
     good = [stats[1], stats[2]]
     out = summarize(good, [], [])
     _assert_no_nan(out)
-    for key in ("wfm", "f_max", "sample_miou", "seg_recall", "pixel_auroc_binned"):
+    for key in ("wfm", "f_max", "sample_miou", "seg_recall", "pixel_auroc"):
         assert out[key] is None
+    for key in ("e_measure_mean", "e_measure_max", "e_measure_adaptive"):  # defined on defect-free images
+        assert out[key] is not None
+    # stats from before the E-measure: the curve comes from the histograms, the adaptive E is not half-computed
+    old = [{k: v for k, v in s.items() if k != "e_measure_adaptive"} for s in stats[:2]] + stats[2:4]
+    out = summarize(old, [], [])
+    assert out["e_measure_adaptive"] is None and out["e_measure_mean"] == summarize(stats[:4], [], [])["e_measure_mean"]
     assert out["iou"] == pytest.approx(0.5, abs=1e-7) and out["seg_accuracy"] == pytest.approx(0.5)
     # nothing at all
     out = summarize([], [], [])

@@ -305,7 +305,7 @@ def test_summarize_anomaly_keys_on_a_mixed_set():
     pairs = list(zip(maps_def + maps_good, [*defect, good, good], strict=True))
     y, s = _flat(pairs)
     assert out["pixel_auroc"] == pytest.approx(roc_auc_score(y, s), abs=2e-3)
-    assert out["pixel_auroc_binned"] == out["pixel_auroc"]  # kept as an alias
+    assert "pixel_auroc_binned" not in out  # one pixel AUROC, not two keys with the same value
     assert out["pixel_ap"] == pytest.approx(average_precision_score(y, s), abs=2e-3)
     assert out["aupro"] == pytest.approx(_exact_aupro(pairs), abs=0.01)
     assert out["n_defect_regions"] == sum(ndimage.label(g, structure=np.ones((3, 3)))[1] for g in defect)
@@ -323,7 +323,7 @@ def test_summarize_anomaly_keys_none_when_not_computable():
     only_good = [image_stats(rng.random(shape), good), image_stats(rng.random(shape), None)]
     out = summarize(only_good, [0, 1], [0.2, 0.8])  # labels disagree with masks: labels are the caller's truth
     _assert_no_nan(out)
-    for key in ("pixel_auroc", "pixel_ap", "aupro", "pixel_auroc_binned"):
+    for key in ("pixel_auroc", "pixel_ap", "aupro"):
         assert out[key] is None
     assert out["n_defect_regions"] == 0
     assert out["image_auroc"] == 1.0 and out["seg_image_auroc"] is not None
@@ -343,7 +343,7 @@ def test_summarize_anomaly_keys_none_when_not_computable():
     assert out["aupro"] is None and out["n_defect_regions"] == 0
 
 
-def test_summarize_falls_back_for_stats_without_pixel_entries(caplog):
+def test_summarize_refuses_pixel_metrics_for_stats_without_pixel_entries(caplog):
     rng = np.random.default_rng(10)
     g = _blobs(rng, (24, 24), 2)
     old = {k: v for k, v in image_stats(_beta_map(rng, g), g).items() if k not in ("pixel", "map_max")}
@@ -351,7 +351,6 @@ def test_summarize_falls_back_for_stats_without_pixel_entries(caplog):
         out = summarize([old], [1], [0.5])
     _assert_no_nan(out)
     assert out["aupro"] is None and out["pixel_auroc"] is None
-    assert out["pixel_auroc_binned"] is not None  # legacy 256-bin value
     assert "no pixel entry" in caplog.text
 
 

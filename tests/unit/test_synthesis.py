@@ -475,26 +475,26 @@ def test_build_chain_from_config(embedder, pit_samples):
 
 def test_source_regime_limits_what_synthesis_learns_from(tmp_path):
     """Small-real-data experiments: synthesis sees only the masks the training regime keeps (same seeded subset)."""
-    from components.config import validate
+    from components.config import SynthesizeConfig, validate
     from components.data import regimes
+    from components.synthesis import pipeline
     from components.synthesis.masks import real_mask_pool
     from tests.helpers import procedural_manifest
-    from workflows import synthesize
 
     man = procedural_manifest(str(tmp_path / "m.parquet"), count=40, size=32)
 
     def cfg(**over):
-        return validate(synthesize.SynthesizeConfig, {"name": "s", "manifest": man, **over}, "synth config")
+        return validate(SynthesizeConfig, {"name": "s", "manifest": man, **over}, "synth config")
 
-    everything = synthesize._sources(cfg())
-    few = synthesize._sources(cfg(source_regime={"regime": "mixed", "mixed_masks": 3, "seed": 7}))
+    everything = pipeline.sources(cfg())
+    few = pipeline.sources(cfg(source_regime={"regime": "mixed", "mixed_masks": 3, "seed": 7}))
     assert len(real_mask_pool(few)) == 3 < len(real_mask_pool(everything))
     import pyarrow.compute as pc
 
     trained_on = regimes.apply(manifest.read(man), "mixed", mixed_masks=3, seed=7)
     trained_on = trained_on.filter(pc.equal(trained_on["split"], "train"))
     assert {m.sample_id for m in real_mask_pool(few)} == {m.sample_id for m in real_mask_pool(trained_on)}
-    assert synthesize._normal_ids(few) == synthesize._normal_ids(everything)
+    assert pipeline.normal_ids(few) == pipeline.normal_ids(everything)
     with pytest.raises(ConfigError):
         cfg(source_regime={"regime": "mixed", "mixed_masks": 3, "bogus": 1})
 
@@ -503,9 +503,9 @@ def test_unusable_cutpaste_references_are_skipped_or_rejected_never_fatal(tmp_pa
     """A real defect whose mask is empty at the working size (a few pixels lost to a resize, an empty ground truth)
     is never used as a cut-paste reference; with no usable reference at all, requests become counted rejections."""
     from components import storage
-    from components.config import validate
+    from components.config import SynthesizeConfig, validate
+    from components.synthesis import pipeline
     from tests.helpers import procedural_manifest
-    from workflows import synthesize
 
     man = manifest.read(procedural_manifest(str(tmp_path / "m.parquet"), count=30, size=32))
     recs = man.to_pylist()
@@ -519,15 +519,15 @@ def test_unusable_cutpaste_references_are_skipped_or_rejected_never_fatal(tmp_pa
     def worker(rows, name):
         uri = str(tmp_path / f"{name}.parquet")
         manifest.write(manifest.make_table(rows), uri)
-        cfg = validate(synthesize.SynthesizeConfig, {
+        cfg = validate(SynthesizeConfig, {
             "name": name, "manifest": uri, "generator": {"name": "cutpaste"}, "classes": ["defect"],
             "masks": {"default": {"kind": "blob", "area_range": [0.05, 0.1]}}, "min_box_area": 1,
             "filters": []}, "synth config")
-        return synthesize.SynthesisWorker(cfg.model_dump(mode="json"), str(tmp_path / name), {}, False)
+        return pipeline.Synthesizer(cfg, str(tmp_path / name))
 
     w = worker(recs, "one-usable")
-    ids = synthesize._normal_ids(synthesize._sources(w.cfg))
-    status = w.write_shard("part-0", synthesize.plan_requests(ids, ["defect"], 0, 6, 0))
+    ids = pipeline.normal_ids(pipeline.sources(w.cfg))
+    status = w.write_shard("part-0", pipeline.plan_requests(ids, ["defect"], 0, 6, 0))
     got = manifest.read(str(tmp_path / "one-usable" / "part-0.parquet")).to_pylist()
     assert status["accepted"] == len(got) > 0
     assert {json.loads(r["provenance"])["reference_id"] for r in got} == {keep}
@@ -536,7 +536,7 @@ def test_unusable_cutpaste_references_are_skipped_or_rejected_never_fatal(tmp_pa
         if r["sample_id"] == keep:
             r["mask_bytes"], r["mask_uri"] = encode_mask_png(np.zeros((32, 32), np.uint8)), None
     w = worker(recs, "none-usable")
-    status = w.write_shard("part-0", synthesize.plan_requests(ids, ["defect"], 0, 4, 0))
+    status = w.write_shard("part-0", pipeline.plan_requests(ids, ["defect"], 0, 4, 0))
     assert status["accepted"] == 0 and len(status["rejected"]) == 4
     assert all(rej["reasons"][0].startswith("generator: ") for rej in status["rejected"])
     assert storage.exists(str(tmp_path / "none-usable" / "_shards" / "part-0.json"))

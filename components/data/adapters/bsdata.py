@@ -27,9 +27,11 @@ from pydantic import Field
 
 from components import storage
 from components.data import manifest
-from components.data.adapters import (
+from components.data.adapters.base import (
     Adapter,
     AdapterOptions,
+    Unreadable,
+    carve_val,
     count_by,
     is_image,
     list_files,
@@ -39,8 +41,8 @@ from components.data.adapters import (
     relative,
     sample_id,
     stem_of,
+    unreadable_row,
 )
-from components.data.adapters.kolektorsdd import carve_val
 from components.data.images import DEFAULT_MAX_PIXELS, encode_mask_png
 from components.errors import DataError
 
@@ -118,7 +120,8 @@ class BSDataAdapter(Adapter):
                 if not stems:
                     raise self.empty_error(root_uri, "no data/<name>.jpg has a label/<name>.json")
         sizes = probe_sizes([images[s][0] for s in stems], max_pixels)
-        work = [(s, size) for s, size in zip(stems, sizes, strict=True) if s in label_of]
+        work = [(s, size) for s, size in zip(stems, sizes, strict=True)
+                if s in label_of and not isinstance(size, Unreadable)]
 
         def draw(item: tuple[str, tuple[int, int]]) -> tuple[bytes | None, list[list[int]], list[str]]:
             mask, boxes, classes = rasterize(labels[label_of[item[0]]], docs[label_of[item[0]]], item[1])
@@ -127,8 +130,12 @@ class BSDataAdapter(Adapter):
         rasters = dict(zip([s for s, _ in work], parallel_map(draw, work, desc="rasterising polygons"), strict=True))
 
         rows, unlisted, n_shapes = [], [], 0
-        for stem, (w, h) in zip(stems, sizes, strict=True):
+        for stem, size in zip(stems, sizes, strict=True):
             uri, rel = images[stem]
+            if isinstance(size, Unreadable):
+                rows.append(unreadable_row(dataset_name, rel, size))
+                continue
+            w, h = size
             meta = info.get(storage.basename(uri))
             prov: dict[str, Any] = {"adapter": self.name}
             split = ""

@@ -22,9 +22,10 @@ from pydantic import Field
 
 from components import storage
 from components.data import manifest
-from components.data.adapters import (
+from components.data.adapters.base import (
     Adapter,
     AdapterOptions,
+    Unreadable,
     is_image,
     list_files,
     parallel_map,
@@ -33,6 +34,7 @@ from components.data.adapters import (
     relative,
     sample_id,
     stem_of,
+    unreadable_row,
 )
 from components.data.images import DEFAULT_MAX_PIXELS, encode_mask_png
 from components.errors import DataError
@@ -88,7 +90,11 @@ class CrackForestAdapter(Adapter):
         by_index = dict(zip(with_gt, masks, strict=True))
 
         rows = []
-        for i, ((uri, rel), (w, h)) in enumerate(zip(images, sizes, strict=True)):
+        for i, ((uri, rel), size) in enumerate(zip(images, sizes, strict=True)):
+            if isinstance(size, Unreadable):
+                rows.append(unreadable_row(dataset_name, rel, size))
+                continue
+            w, h = size
             prov: dict[str, Any] = {"adapter": self.name}
             mask = by_index.get(i)
             if mask is None:

@@ -12,9 +12,10 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from components.data import manifest
-from components.data.adapters import (
+from components.data.adapters.base import (
     Adapter,
     AdapterOptions,
+    Unreadable,
     count_by,
     is_image,
     list_files,
@@ -23,6 +24,7 @@ from components.data.adapters import (
     relative,
     sample_id,
     stem_of,
+    unreadable_row,
 )
 from components.data.images import DEFAULT_MAX_PIXELS
 
@@ -97,7 +99,11 @@ class FolderAdapter(Adapter):
         sizes = probe_sizes([im[0] for im in images], max_pixels)
         rows = []
         used: set[tuple[str, str, str]] = set()
-        for (uri, rel, split, folder, key), (w, h) in zip(images, sizes, strict=True):
+        for (uri, rel, split, folder, key), size in zip(images, sizes, strict=True):
+            if isinstance(size, Unreadable):
+                rows.append(unreadable_row(dataset_name, rel, size))
+                continue
+            w, h = size
             if folder in unlabeled:
                 label, cls = None, None
             elif folder in good:

@@ -16,29 +16,27 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
 from typing import Any
 
-import pyarrow as pa
 from pydantic import Field, model_validator
 
-from components import storage
-from components.data import manifest
-from components.data.adapters import (
+from components.data.adapters.base import (
     Adapter,
     AdapterOptions,
+    Unreadable,
+    carve_val,
     count_by,
     is_image,
     list_files,
-    parallel_map,
+    mask_row,
     probe_sizes,
+    read_masks,
     register,
     relative,
-    sample_id,
     stem_of,
+    unreadable_row,
 )
-from components.data.images import DEFAULT_MAX_PIXELS, decode_mask
-from components.errors import DataError
+from components.data.images import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +106,11 @@ class KolektorSDDAdapter(Adapter):
         found = dict(zip([u for u in label_uris if u], masks, strict=True))
 
         rows, missing = [], []
-        for (uri, rel, part), (w, h), label_uri in zip(images, sizes, label_uris, strict=True):
+        for (uri, rel, part), size, label_uri in zip(images, sizes, label_uris, strict=True):
+            if isinstance(size, Unreadable):
+                rows.append(unreadable_row(dataset_name, rel, size))
+                continue
+            w, h = size
             fold = fold_of[part]
             split = "" if options.fold is None else ("test" if fold == options.fold else "train")
             prov: dict[str, Any] = {"adapter": self.name, "part": part, "fold": fold, "folds": options.folds}
@@ -136,65 +138,6 @@ class KolektorSDDAdapter(Adapter):
 def _part_key(part: str) -> tuple[int, str]:
     m = _PART.match(part)
     return (int(m.group(1)) if m else -1, part)
-
-
-# ------------------------------------------------------------------ helpers shared by the authors'-split layouts
-
-
-def read_masks(uris: Sequence[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[tuple[bool, tuple[int, int]]]:
-    """(has a defect pixel, (width, height)) of each mask file, decoded in threads."""
-
-    def one(uri: str) -> tuple[bool, tuple[int, int]]:
-        m = decode_mask(storage.read_bytes(uri), name=uri, max_pixels=max_pixels)
-        return bool(m.any()), (int(m.shape[1]), int(m.shape[0]))
-
-    return parallel_map(one, list(uris), desc="reading masks")
-
-
-def mask_row(dataset_name: str, rel: str, uri: str, size: tuple[int, int], split: str, mask_uri: str | None,
-             decoded: tuple[bool, tuple[int, int]] | None, prov: dict[str, Any]) -> dict[str, Any]:
-    """A manifest row whose label comes from its decoded mask (KolektorSDD layouts); no mask -> label null."""
-    w, h = size
-    if mask_uri is None or decoded is None:
-        return manifest.row(sample_id(dataset_name, rel), dataset_name, width=w, height=h, split=split,
-                            image_uri=uri, label=None, provenance=prov)
-    defective, shape = decoded
-    check_mask_shape(mask_uri, shape, uri, (w, h))
-    return manifest.row(sample_id(dataset_name, rel), dataset_name, width=w, height=h, split=split, image_uri=uri,
-                        label=int(defective), mask_uri=mask_uri, defect_class=DEFECT if defective else None,
-                        provenance=prov)
-
-
-def check_mask_shape(mask_uri: str, mask_size: tuple[int, int], image_uri: str, image_size: tuple[int, int]) -> None:
-    if tuple(mask_size) != tuple(image_size):
-        raise DataError(f"{mask_uri} is {mask_size[0]}x{mask_size[1]} but {image_uri} is "
-                        f"{image_size[0]}x{image_size[1]}", "fix or remove the mask (masks must match their image)")
-
-
-def carve_val(rows: list[dict[str, Any]], fraction: float, seed: int = 0,
-              group: Callable[[dict[str, Any]], str | None] | None = None) -> list[dict[str, Any]]:
-    """Turn ``fraction`` of the rows in the authors' train split into val, in place.
-
-    ``ingest`` keeps every non-empty split and deals only empty ones over train/val/test with the full fractions,
-    so an adapter that keeps the authors' test split must carve val itself, or leave train rows empty and lose a
-    test share of them. The carving is :func:`manifest.assign_splits` over those rows alone: deterministic from the
-    sample ids, stratified by label and spread over defect classes (or over ``group(row)``, e.g. a category).
-    Rows of unknown label stay in train: there is nothing to validate against.
-    """
-    group = group or (lambda r: r["defect_class"])
-    idx = [i for i, r in enumerate(rows) if r["split"] == "train" and r["label"] is not None]
-    if not idx or fraction <= 0:
-        return rows
-    sub = pa.table({
-        "sample_id": pa.array([rows[i]["sample_id"] for i in idx], pa.string()),
-        "label": pa.array([rows[i]["label"] for i in idx], pa.int8()),
-        "defect_class": pa.array([group(rows[i]) for i in idx], pa.string()),
-        "split": pa.array(["" for _ in idx], pa.string()),
-    })
-    carved = manifest.assign_splits(sub, {"train": 1.0 - fraction, "val": fraction}, seed=seed)
-    for i, s in zip(idx, carved["split"].to_pylist(), strict=True):
-        rows[i]["split"] = s
-    return rows
 
 
 register(KolektorSDDAdapter())

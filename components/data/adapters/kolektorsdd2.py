@@ -15,18 +15,22 @@ from typing import Any
 
 from pydantic import Field
 
-from components.data.adapters import (
+from components.data.adapters.base import (
     Adapter,
     AdapterOptions,
+    Unreadable,
+    carve_val,
     count_by,
     is_image,
     list_files,
+    mask_row,
     probe_sizes,
+    read_masks,
     register,
     relative,
     stem_of,
+    unreadable_row,
 )
-from components.data.adapters.kolektorsdd import carve_val, mask_row, read_masks
 from components.data.images import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
@@ -88,7 +92,11 @@ class KolektorSDD2Adapter(Adapter):
         decoded = dict(zip(present, read_masks(present, max_pixels), strict=True))
 
         rows, missing = [], []
-        for (uri, rel, split), (w, h), mask_uri in zip(images, sizes, mask_uris, strict=True):
+        for (uri, rel, split), size, mask_uri in zip(images, sizes, mask_uris, strict=True):
+            if isinstance(size, Unreadable):
+                rows.append(unreadable_row(dataset_name, rel, size))
+                continue
+            w, h = size
             prov = {"adapter": self.name, "split_from": "authors"}
             if mask_uri is None:
                 missing.append(rel)

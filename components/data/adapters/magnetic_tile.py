@@ -10,9 +10,10 @@ import logging
 from typing import Any
 
 from components.data import manifest
-from components.data.adapters import (
+from components.data.adapters.base import (
     Adapter,
     AdapterOptions,
+    Unreadable,
     count_by,
     is_image,
     list_files,
@@ -21,6 +22,7 @@ from components.data.adapters import (
     relative,
     sample_id,
     stem_of,
+    unreadable_row,
 )
 from components.data.images import DEFAULT_MAX_PIXELS
 
@@ -68,7 +70,11 @@ class MagneticTileAdapter(Adapter):
 
         sizes = probe_sizes([im[0] for im in images], max_pixels)
         rows, missing = [], []
-        for (uri, rel, cls), (w, h) in zip(images, sizes, strict=True):
+        for (uri, rel, cls), size in zip(images, sizes, strict=True):
+            if isinstance(size, Unreadable):
+                rows.append(unreadable_row(dataset_name, rel, size))
+                continue
+            w, h = size
             mask_uri = masks.get(stem_of(rel))
             free = cls == FREE
             if mask_uri is None and not free:

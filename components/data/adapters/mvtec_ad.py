@@ -15,9 +15,11 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from components.data import manifest
-from components.data.adapters import (
+from components.data.adapters.base import (
     Adapter,
     AdapterOptions,
+    Unreadable,
+    carve_val,
     count_by,
     is_image,
     list_files,
@@ -26,8 +28,8 @@ from components.data.adapters import (
     relative,
     sample_id,
     stem_of,
+    unreadable_row,
 )
-from components.data.adapters.kolektorsdd import carve_val
 from components.data.images import DEFAULT_MAX_PIXELS
 from components.errors import ConfigError
 
@@ -106,7 +108,11 @@ class MVTecADAdapter(Adapter):
 
         sizes = probe_sizes([im[0] for im in images], max_pixels)
         rows, missing, used = [], [], set()
-        for (uri, rel, cat, split, folder), (w, h) in zip(images, sizes, strict=True):
+        for (uri, rel, cat, split, folder), size in zip(images, sizes, strict=True):
+            if isinstance(size, Unreadable):
+                rows.append(unreadable_row(dataset_name, rel, size))
+                continue
+            w, h = size
             prov = {"adapter": self.name, "category": cat, "split_from": "authors"}
             if folder == GOOD:
                 rows.append(manifest.row(sample_id(dataset_name, rel), dataset_name, width=w, height=h,

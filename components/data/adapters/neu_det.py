@@ -18,9 +18,10 @@ from pydantic import Field
 
 from components import storage
 from components.data import manifest
-from components.data.adapters import (
+from components.data.adapters.base import (
     Adapter,
     AdapterOptions,
+    Unreadable,
     count_by,
     is_image,
     list_files,
@@ -30,6 +31,7 @@ from components.data.adapters import (
     relative,
     sample_id,
     stem_of,
+    unreadable_row,
 )
 from components.data.images import DEFAULT_MAX_PIXELS, encode_mask_png
 from components.errors import DataError
@@ -85,7 +87,11 @@ class NEUDETAdapter(Adapter):
         parsed = dict(zip(with_xml, parallel_map(lambda i: read_voc(xmls[stems[i]]), with_xml,
                                                  desc="reading annotations"), strict=True))
         rows, missing, empty = [], [], []
-        for i, ((uri, rel), (w, h)) in enumerate(zip(images, sizes, strict=True)):
+        for i, ((uri, rel), size) in enumerate(zip(images, sizes, strict=True)):
+            if isinstance(size, Unreadable):
+                rows.append(unreadable_row(dataset_name, rel, size))
+                continue
+            w, h = size
             prov: dict[str, Any] = {"adapter": self.name}
             objects = parsed.get(i)
             mask, boxes, names = None, [], []

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 
 from components.data import manifest
 from components.data import procedural as gen
-from components.data.adapters import Adapter, AdapterOptions, progress, register
+from components.data.adapters.base import Adapter, AdapterOptions, progress, register
 from components.data.images import DEFAULT_MAX_PIXELS, encode_mask_png, encode_png
 from components.errors import DataError
 

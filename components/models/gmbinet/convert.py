@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 
@@ -19,6 +18,7 @@ from components.errors import WeightsError
 from components.models.base import Postprocessing
 from components.models.gmbinet.detector import GMBINetDetector, GMBINetParams, authors_preprocessing
 from components.models.gmbinet.model import CHANNEL_MULTIPLIERS, ConvBNReLU, GMBINet
+from components.weights import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -157,30 +157,9 @@ def convert_authors_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
-def _unwrap(obj: Any, uri: str) -> dict[str, torch.Tensor]:
-    for key in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-    if not isinstance(obj, Mapping) or not obj:
-        raise WeightsError(f"{uri} does not hold a state_dict (found {type(obj).__name__})",
-                           "pass a checkpoint saved with torch.save(model.state_dict(), path)")
-    sd = dict(obj)
-    if all(str(k).startswith("module.") for k in sd):  # saved from DataParallel/DDP
-        sd = {str(k)[len("module."):]: v for k, v in sd.items()}
-    return sd
-
-
 def load_authors_checkpoint(path_or_uri: str) -> dict[str, torch.Tensor]:
-    """Read an authors' ``.pt`` (local or S3) and return it converted to our module names."""
-    uri = storage.normalize(path_or_uri)
-    with storage.local_path(uri) as local:
-        try:
-            obj = torch.load(local, map_location="cpu", weights_only=True)
-        except Exception as e:  # UnpicklingError for whole pickled models, RuntimeError for non-zip files, ...
-            raise WeightsError(f"cannot read {uri} as a torch state_dict: {type(e).__name__}: {e}",
-                               "pass the authors' .pt file (a plain state_dict); whole pickled models are refused "
-                               "for safety") from e
-    return convert_authors_state_dict(_unwrap(obj, uri))
+    """Read an authors' ``.pt`` (local or S3; never unpickled beyond tensors) converted to our module names."""
+    return convert_authors_state_dict(read_state_dict(storage.normalize(path_or_uri)))
 
 
 def import_authors_checkpoint(path_or_uri: str, out_uri: str, threshold: float = 0.5) -> str:

@@ -11,11 +11,12 @@ its device (draws happen there and are then moved to the features' device).
 from __future__ import annotations
 
 import logging
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from components.noise import perlin_grid
 
 log = logging.getLogger(__name__)
 
@@ -27,39 +28,10 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def _fade(t: torch.Tensor) -> torch.Tensor:
-    return t * t * t * (t * (t * 6.0 - 15.0) + 10.0)
-
-
 def perlin_noise(shape: tuple[int, int], scale: tuple[int, int], generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> torch.Tensor:
-    """2D gradient (Perlin) noise of ``shape`` with ``scale`` = (rows, cols) lattice cells, roughly in [-1, 1].
-
-    Random unit gradients sit on the lattice corners; each pixel blends the four corner dot products with the
-    quintic fade, exactly as the authors' ``rand_perlin_2d`` (written as a gather, so any size works).
-    """
-    h, w = (int(s) for s in shape)
-    sy, sx = (int(s) for s in scale)
-    if h < 1 or w < 1 or sy < 1 or sx < 1:
-        raise ValueError(f"shape and scale must be positive, got shape={shape}, scale={scale}")
-    device = generator.device if generator is not None else torch.device(device or "cpu")
-    angles = 2.0 * math.pi * torch.rand(sy + 1, sx + 1, generator=generator, device=device)
-    grads = torch.stack((torch.cos(angles), torch.sin(angles)), dim=-1)  # (sy+1, sx+1, 2)
-    ys = torch.arange(h, device=device, dtype=torch.float32) * (sy / h)
-    xs = torch.arange(w, device=device, dtype=torch.float32) * (sx / w)
-    iy, ix = ys.floor().long(), xs.floor().long()
-    fy = (ys - iy).view(h, 1).expand(h, w)
-    fx = (xs - ix).view(1, w).expand(h, w)
-    iy, ix = iy.view(h, 1), ix.view(1, w)
-
-    def corner(dy: int, dx: int) -> torch.Tensor:
-        g = grads[iy + dy, ix + dx]  # (h, w, 2)
-        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
-
-    ty, tx = _fade(fy), _fade(fx)
-    top = torch.lerp(corner(0, 0), corner(1, 0), ty)
-    bottom = torch.lerp(corner(0, 1), corner(1, 1), ty)
-    return math.sqrt(2.0) * torch.lerp(top, bottom, tx)
+    """2D Perlin noise of ``shape`` with ``scale`` = (rows, cols) lattice cells, as the authors' ``rand_perlin_2d``."""
+    return perlin_grid(shape, scale, generator=generator, device=device)
 
 
 def perlin_mask(height: int, width: int, threshold: float, generator: torch.Generator | None = None,

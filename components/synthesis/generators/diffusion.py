@@ -40,13 +40,9 @@ Options (YAML ``synthesis.generator.options``)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -169,47 +165,6 @@ class DiffusionOptions(GeneratorOptions):
 
 # ------------------------------------------------------------------------------------------------ loading
 
-_cache_lock = threading.Lock()
-_local_copies: dict[str, str] = {}
-
-
-def cache_root() -> str:
-    return os.environ.get("DEFECTFLOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "defectflow")
-
-
-def local_dir(uri: str) -> str:
-    """A local folder with the content of ``uri``: the folder itself when local; for S3 a copy below
-    ``$DEFECTFLOW_CACHE/diffusers`` made once per process (and reused by later processes: the cache is keyed by
-    URI, so publish a changed model under a new URI). Concurrent workers each download to a temporary folder and
-    the first rename wins, so nobody reads a half-copied pipeline."""
-    uri = storage.normalize(uri)
-    if not storage.is_s3(uri):
-        return uri
-    with _cache_lock:
-        if uri in _local_copies and os.path.isdir(_local_copies[uri]):
-            return _local_copies[uri]
-        target = os.path.join(cache_root(), "diffusers", hashlib.sha256(uri.encode()).hexdigest()[:24])
-        if not os.path.isdir(target):
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            log.info("downloading %s to %s", uri, target)
-            tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(target))
-            try:
-                with storage.local_path(uri) as src:
-                    if os.path.isdir(src):
-                        shutil.copytree(src, tmp, dirs_exist_ok=True)
-                    else:
-                        shutil.copy2(src, tmp)
-                try:
-                    os.replace(tmp, target)
-                except OSError:  # another process finished first: use its copy
-                    shutil.rmtree(tmp, ignore_errors=True)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        _local_copies[uri] = target
-        return target
-
-
 def resolve_device(device: Any = "auto") -> Any:
     import torch
 
@@ -260,7 +215,7 @@ def load_pipeline(uri: str, device: Any = "auto", dtype: Any = None) -> Any:
     from diffusers import AutoPipelineForInpainting
 
     try:
-        folder = local_dir(uri)
+        folder = storage.cached_local_dir(uri)
     except StorageError as e:
         raise WeightsError(f"inpainting pipeline {uri} is not readable: {e.message}", OFFLINE_HINT) from e
     if not os.path.isdir(folder):
@@ -364,7 +319,7 @@ class DiffusionGenerator(Generator):
         super().__init__(options)
         self.device = resolve_device(options.device)
         self.pipe = load_pipeline(options.model, device=self.device)
-        self.model_class = pipeline_class_name(local_dir(options.model))
+        self.model_class = pipeline_class_name(storage.cached_local_dir(options.model))
         self.sdxl = is_sdxl(self.pipe)
         if options.preset == "exdd_sdxl" and not self.sdxl:
             log.warning("preset exdd_sdxl expects an SDXL inpainting pipeline; %s is %s", options.model,

@@ -1,0 +1,114 @@
+"""The torch side of training a Detector: one module for DDP, optimiser and LR schedule, validation metrics, and
+the fingerprint that says whether a checkpoint belongs to a config. No Ray: ``workflows/trainer.py`` runs these
+inside Ray Train workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from components.metrics.image import roc_auc
+from components.metrics.sample import iou_from_counts, pooled_iou
+from components.models.base import Batch, Detector, Objective
+
+
+class TrainStep(nn.Module):
+    """Detector + objective in one module, so DDP sees every trainable parameter through one forward."""
+
+    def __init__(self, detector: Detector, objective: Objective):
+        super().__init__()
+        self.detector = detector
+        self.objective = objective
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.objective(self.detector, batch)
+
+
+def make_optimizer(param_groups: list[dict[str, Any]], optim: dict[str, Any]) -> torch.optim.Optimizer:
+    """``optim`` is the ``optim`` section of a train config."""
+    kind, lr, wd = optim["optimizer"], optim["lr"], optim["weight_decay"]
+    if kind == "adam":
+        return torch.optim.Adam(param_groups, lr=lr, weight_decay=wd)
+    if kind == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=wd)
+    return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, weight_decay=wd)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, optim: dict[str, Any]) -> Any:
+    """The per-epoch LR schedule (None for a constant rate)."""
+    if optim["lr_schedule"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=optim["epochs"])
+    if optim["lr_schedule"] == "multistep":
+        marks = sorted({max(1, round(m * optim["epochs"])) for m in optim["milestones"]})
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=marks, gamma=optim["gamma"])
+    return None
+
+
+def model_fingerprint(config: dict[str, Any]) -> str:
+    """What must not change between a run and its resumption: architecture, preprocessing, input size."""
+    key = json.dumps({"family": config["model"]["family"], "params": config["model"]["params"],
+                      "pre": config["model"]["preprocessing"], "size": config["data"]["image_size"]}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """What validation keeps of one image."""
+
+    label: float  # -1 unknown
+    score: float
+    has_mask: bool
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    mae: float = 0.0
+
+
+class ValidationMeter:
+    """Validation loss and metrics of the images seen, defined as in evaluation (:mod:`components.metrics`):
+    ``val_images`` how many images were scored; ``val_iou`` the mean per-image IoU of images with masks
+    (empty/empty = 1, the GMBINet authors' convention); ``val_iou_pooled`` ΣTP/Σ(TP+FP+FN), which also counts false
+    alarms on defect-free images (the per-image mean rewards them); ``val_mae``; and ``val_image_auroc`` of the image
+    score when both labels are present.
+    """
+
+    def __init__(self, threshold: float):
+        self.threshold = float(threshold)
+        self.records: list[ImageRecord] = []
+        self.loss_sum = 0.0
+        self.batches = 0
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor | float, score: torch.Tensor, anomaly_map: torch.Tensor, batch: Batch) -> None:
+        self.loss_sum += float(loss)
+        self.batches += 1
+        pred = anomaly_map >= self.threshold
+        gt = batch.masks >= 0.5
+        tp = (pred & gt).flatten(1).sum(1).tolist()
+        fp = (pred & ~gt).flatten(1).sum(1).tolist()
+        fn = (~pred & gt).flatten(1).sum(1).tolist()
+        mae = (anomaly_map - batch.masks).abs().flatten(1).mean(1).tolist()
+        for i, (lab, sc, has) in enumerate(zip(batch.labels.tolist(), score.tolist(), batch.has_mask.tolist(),
+                                               strict=True)):
+            self.records.append(ImageRecord(lab, sc, bool(has), *(int(tp[i]), int(fp[i]), int(fn[i])), mae[i])
+                                if has else ImageRecord(lab, sc, False))
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {"val_images": len(self.records)}
+        if self.batches:
+            out["val_loss"] = self.loss_sum / self.batches
+        labelled = [r for r in self.records if r.label >= 0]
+        if {0.0, 1.0} <= {r.label for r in labelled}:
+            out["val_image_auroc"] = float(roc_auc([r.label for r in labelled], [r.score for r in labelled]))
+        masked = [r for r in self.records if r.has_mask]
+        if masked:
+            out["val_iou"] = sum(iou_from_counts(r.tp, r.fp, r.fn, empty=1.0) for r in masked) / len(masked)
+            out["val_mae"] = sum(r.mae for r in masked) / len(masked)
+            out["val_iou_pooled"] = pooled_iou([(r.tp, r.fp, r.fn) for r in masked])
+        return out

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Re-run the experiments behind every figure of the README and copy their raw outputs next to it.
+#
+#   workflows/results/reproduce.sh all                 # every experiment below (about 2.5 hours on 2 CPU cores)
+#   workflows/results/reproduce.sh sd900 bench-gmbinet # some of them
+#
+# Each experiment runs the README's documented commands with `defectflow` into ./defectflow-data (the default
+# storage root), then copies what the README quotes (metrics.json, history.json, bench JSON/Markdown, synthesis
+# reports, contact sheets, the command lines and the machine) into workflows/results/<experiment>/.
+# Needs ../shared/datasets beside the repository for the real datasets.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DF="${DEFECTFLOW:-.venv/bin/defectflow}"
+DATA=../shared/datasets
+ROOT=./defectflow-data
+RESULTS=workflows/results
+
+run() { echo "+ $*" | tee -a "$OUT/commands.txt"; "$@"; }
+begin() {
+  OUT="$RESULTS/$1"; rm -rf "$OUT"; mkdir -p "$OUT"
+  { date -u +"%Y-%m-%dT%H:%M:%SZ"; uname -m; nproc; "$PWD/.venv/bin/python" -c \
+    'import torch, ray; print("torch", torch.__version__, "ray", ray.__version__)'; git rev-parse --short HEAD; } \
+    > "$OUT/machine.txt"
+  : > "$OUT/commands.txt"
+  SECONDS=0
+}
+end() { echo "$SECONDS" > "$OUT/seconds.txt"; echo "== $1 done in $SECONDS s -> $OUT"; }
+keep_report() {  # <report name> <dest name>: metrics, history and the run's curves/sheet of one train run
+  local src="$ROOT/reports/$1" dst="$OUT/$2"; mkdir -p "$dst"
+  cp "$src/metrics.json" "$dst/"; [ -f "$src/history.json" ] && cp "$src/history.json" "$dst/"
+  for f in curves.png sheet.png; do [ -f "$src/$f" ] && cp "$src/$f" "$dst/"; done
+  [ -f "$ROOT/runs/$1/artifact/detector.json" ] && cp "$ROOT/runs/$1/artifact/detector.json" "$dst/"
+  return 0
+}
+fresh() {  # <run/set name>...: start from scratch (a run of the same name would resume, a set would be reused)
+  for n in "$@"; do rm -rf "$ROOT/runs/$n" "$ROOT/reports/$n" "$ROOT/synthetic/$n" "$ROOT/models/$n"; done
+}
+ingest_mt() { run "$DF" ingest --dataset magnetic_tile --root "$DATA/magnetic_tile" \
+  --out "$ROOT/datasets/magnetic_tile/manifest.parquet"; }
+
+sd900() {
+  begin sd900
+  fresh gmbinet-sd900-results
+  run "$DF" ingest --config workflows/configs/ingest_sd900.yaml
+  run "$DF" train --config workflows/configs/gmbinet_sd900.yaml --set name=gmbinet-sd900-results
+  keep_report gmbinet-sd900-results gmbinet-sd900
+  end sd900
+}
+
+bench_gmbinet() {
+  begin bench-gmbinet
+  run "$DF" bench gmbinet --size 512 --n 1 --n 2 --n 4 --n 8 --threads 2 --out "$OUT"
+  end bench-gmbinet
+}
+
+bench_supersimplenet() {
+  begin bench-supersimplenet
+  run "$DF" bench supersimplenet --size 256 --threads 2 --out "$OUT"
+  end bench-supersimplenet
+}
+
+bench_synth() {
+  begin bench-synth
+  run "$DF" bench synth --size 256 --count 16 --threads 2 --out "$OUT"
+  end bench-synth
+}
+
+mt_ssn_regimes() {
+  begin mt-ssn-regimes
+  fresh mt-ssn-unsupervised mt-ssn-weak mt-ssn-mixed mt-ssn-full
+  ingest_mt
+  for r in unsupervised weak mixed full; do
+    extra=(); [ "$r" = mixed ] && extra=(--set data.mixed_masks=50)
+    run "$DF" train --config "workflows/configs/ssn_$r.yaml" --set "name=mt-ssn-$r" \
+      --set "output.model_name=mt-ssn-$r" --set "data.manifest=$ROOT/datasets/magnetic_tile/manifest.parquet" \
+      --set scaling.cpus_per_worker=2 "${extra[@]}"
+    keep_report "mt-ssn-$r" "$r"
+  done
+  end mt-ssn-regimes
+}
+
+mt_synth() {
+  begin mt-synth
+  fresh mt-cutpaste-results
+  ingest_mt
+  run "$DF" synthesize --config workflows/configs/synth_magnetic_tile.yaml --set name=mt-cutpaste-results
+  cp "$ROOT/synthetic/mt-cutpaste-results/_report.json" "$OUT/"
+  cp "$ROOT/synthetic/mt-cutpaste-results/contact_sheet.png" "$OUT/"
+  end mt-synth
+}
+
+procedural_ddpm() {
+  begin procedural-ddpm
+  fresh ddpm-procedural procedural-ddpm
+  run "$DF" ingest --dataset procedural --option count=400 --option size=128 \
+    --out "$ROOT/datasets/procedural/manifest.parquet"
+  run "$DF" train-synth --config workflows/configs/ddpm_procedural.yaml
+  run "$DF" synthesize --config workflows/configs/synth_procedural_ddpm.yaml
+  cp "$ROOT/synthetic/procedural-ddpm/_report.json" "$ROOT/synthetic/procedural-ddpm/contact_sheet.png" "$OUT/"
+  end procedural-ddpm
+}
+
+mt_synthetic_mix() {  # GMBINet with 10 real masks, without and with 100 synthetic defects made from them
+  begin mt-synthetic-mix
+  fresh mt-cutpaste-mixed10 mt-gmbinet-mixed10-syn0 mt-gmbinet-mixed10-syn100
+  ingest_mt
+  run "$DF" synthesize --config workflows/configs/synth_magnetic_tile.yaml --set name=mt-cutpaste-mixed10 \
+    --set source_regime.regime=mixed --set source_regime.mixed_masks=10 --set source_regime.seed=42
+  cp "$ROOT/synthetic/mt-cutpaste-mixed10/_report.json" "$OUT/synthesis_report.json"
+  for n in 0 100; do
+    extra=(); [ "$n" = 100 ] && extra=(--set "data.synthetic.source=$ROOT/synthetic/mt-cutpaste-mixed10"
+                                        --set data.synthetic.count=100)
+    run "$DF" train --config workflows/configs/gmbinet_sd900.yaml --set "name=mt-gmbinet-mixed10-syn$n" \
+      --set "output.model_name=mt-gmbinet-mixed10-syn$n" \
+      --set "data.manifest=$ROOT/datasets/magnetic_tile/manifest.parquet" \
+      --set data.regime=mixed --set data.mixed_masks=10 --set 'data.image_size=[128,128]' \
+      --set optim.epochs=30 --set checkpoint.metric=val_iou_pooled "${extra[@]}"
+    keep_report "mt-gmbinet-mixed10-syn$n" "syn$n"
+  done
+  end mt-synthetic-mix
+}
+
+demo() {
+  begin demo
+  run "$DF" demo --out ./defectflow-demo
+  cp ./defectflow-demo/reports/demo.json "$OUT/"
+  end demo
+}
+
+EXPERIMENTS=(sd900 bench-gmbinet bench-supersimplenet bench-synth mt-ssn-regimes mt-synth procedural-ddpm
+             mt-synthetic-mix demo)
+[ $# -gt 0 ] || { echo "usage: $0 all | ${EXPERIMENTS[*]}" >&2; exit 2; }
+[ "$1" = all ] && set -- "${EXPERIMENTS[@]}"
+for e in "$@"; do
+  case " ${EXPERIMENTS[*]} " in *" $e "*) "${e//-/_}" ;; *) echo "unknown experiment $e" >&2; exit 2 ;; esac
+done

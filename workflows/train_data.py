@@ -1,0 +1,132 @@
+"""Ray Datasets a training run reads: decoded, resized images, or cached frozen features joined with the targets
+the supervision regime lets the trainer see. Both keep ``sample_id`` so the driver can say which samples could not
+be decoded (they are skipped, never fatal).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from components import storage
+from components.config import TrainConfig
+from components.data import feature_cache
+from components.data.loading import prepare_target, prepare_usable_rows
+from components.errors import ConfigError, DataError
+
+log = logging.getLogger("defectflow.train")
+
+MATERIALIZE_BYTES = 2 * 1024**3  # datasets below this stay in the object store for all epochs
+TARGET_COLUMNS = ["sample_id", "label", "supervision", "mask_uri", "mask_bytes", "height", "width"]
+
+
+def _pixels(batch: pa.Table, image_size: tuple[int, int], max_pixels: int,
+            storage_settings: dict[str, Any]) -> dict[str, np.ndarray]:
+    storage.configure(**storage_settings)
+    return prepare_usable_rows(batch.to_pylist(), image_size, max_pixels)
+
+
+def _features(batch: pa.Table, lookup_ref: Any, image_size: tuple[int, int], max_pixels: int,
+              storage_settings: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Feature-shard rows (already filtered to this split) -> features + targets; a row whose mask cannot be read
+    is skipped."""
+    import ray
+
+    storage.configure(**storage_settings)
+    lookup = ray.get(lookup_ref)
+    feats = feature_cache.decode(batch.column("features"))
+    keep, targets = [], []
+    for i, sid in enumerate(batch.column("sample_id").to_pylist()):
+        try:
+            targets.append(prepare_target(lookup[sid], image_size, max_pixels=max_pixels))
+        except DataError as e:
+            log.warning("skipping %s: %s", sid, e.message)
+            continue
+        keep.append(i)
+    return {"sample_id": np.array([batch.column("sample_id")[i].as_py() for i in keep], dtype=object),
+            "features": feats[keep],
+            "mask": np.stack([t["mask"] for t in targets]) if targets else np.zeros((0, 1, *image_size), np.uint8),
+            "label": np.array([t["label"] for t in targets], np.float32),
+            "has_mask": np.array([t["has_mask"] for t in targets], bool)}
+
+
+def _split(table: pa.Table, split: str) -> pa.Table:
+    return table.filter(pc.equal(table["split"], split))
+
+
+def from_pixels(table: pa.Table, cfg: TrainConfig) -> dict[str, Any]:
+    """Train/val datasets of uint8 images (3, H, W) and their targets, decoded by Ray Data tasks."""
+    import ray.data
+
+    out = {}
+    h, w = cfg.data.image_size
+    for split in ("train", "val"):
+        sub = _split(table, split)
+        if sub.num_rows == 0:
+            continue
+        ds = ray.data.from_arrow(sub).map_batches(
+            _pixels, fn_kwargs={"image_size": (h, w), "max_pixels": cfg.data.max_image_pixels,
+                                "storage_settings": storage.worker_settings()},
+            batch_size=16, batch_format="pyarrow")
+        out[split] = ds.materialize() if sub.num_rows * (4 * h * w + 64) < MATERIALIZE_BYTES else ds
+    return out
+
+
+def from_features(table: pa.Table, cfg: TrainConfig, features_uris: list[str]) -> dict[str, Any]:
+    """Train/val datasets of cached features (several folders read as one: the manifest's and a synthetic set's),
+    joined with the regime's targets in the map tasks."""
+    import ray
+    import ray.data
+    from ray.data.expressions import col
+
+    sig = feature_cache.read_signature(features_uris[0])
+    for other in features_uris[1:]:
+        if feature_cache.read_signature(other)["feature_shape"] != sig["feature_shape"]:
+            raise ConfigError(f"{other} and {features_uris[0]} hold features of different shapes",
+                              "compute both with the same model and image size")
+    fs, _ = storage.arrow_fs(features_uris[0])
+    files = [storage.strip_scheme(f) for u in features_uris for f in feature_cache.shard_files(u)]
+    c, fh, fw = sig["feature_shape"]
+    h, w = cfg.data.image_size
+    out = {}
+    for split in ("train", "val"):
+        sub = _split(table, split)
+        if sub.num_rows == 0:
+            continue
+        lookup = {r["sample_id"]: r for r in sub.select(TARGET_COLUMNS).to_pylist()}
+        ds = (ray.data.read_parquet(files, filesystem=fs)
+              .filter(expr=col("sample_id").is_in(list(lookup)))
+              .map_batches(_features, fn_kwargs={"lookup_ref": ray.put(lookup), "image_size": (h, w),
+                                                 "max_pixels": cfg.data.max_image_pixels,
+                                                 "storage_settings": storage.worker_settings()},
+                           batch_size=16, batch_format="pyarrow"))
+        out[split] = ds.materialize() if sub.num_rows * (4 * c * fh * fw + h * w) < MATERIALIZE_BYTES else ds
+    return out
+
+
+def build(table: pa.Table, cfg: TrainConfig, features_uris: list[str] | None = None) -> dict[str, Any]:
+    """The datasets of a run, and a warning naming the samples that could not be decoded (materialised datasets
+    only: counting a streamed one would read it twice)."""
+    datasets = from_pixels(table, cfg) if features_uris is None else from_features(table, cfg, features_uris)
+    for split, ds in datasets.items():
+        if type(ds).__name__ != "MaterializedDataset":
+            continue
+        expected = set(_split(table, split)["sample_id"].to_pylist())
+        if ds.count() == len(expected):  # metadata only: the common case costs nothing
+            continue
+        missing = sorted(expected - set(ds.unique("sample_id")))
+        if missing:
+            log.warning("%d %s sample(s) could not be decoded and are skipped, e.g. %s (reasons in the log)",
+                        len(missing), split, missing[:3])
+    return datasets
+
+
+def quiet_progress() -> None:
+    """Per-epoch shard iteration would draw a Ray Data progress bar every epoch; the epoch lines say enough."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False

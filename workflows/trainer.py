@@ -1,0 +1,398 @@
+"""Ray Train plumbing shared by ``train``, ``sweep`` and ``train-synth``: the per-worker loop, the checkpoint
+format, the TorchTrainer, running it with readable progress and errors, and choosing the checkpoint.
+
+Checkpoints (one per epoch, ``<runs>/<name>/checkpoint_*``): ``model.safetensors`` (weights), ``optimizer.pt``
+(optimizer/scheduler state, read with ``weights_only=True``), ``state.json`` (epoch, best value of the selection
+metric, model fingerprint, per-epoch history). Re-running with the same name and storage resumes (Train V2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from components import storage
+from components.config import TrainConfig
+from components.errors import ConfigError, DataError, DefectflowError, WeightsError
+from components.models import registry
+
+log = logging.getLogger("defectflow.train")
+
+CKPT_WEIGHTS = "model.safetensors"
+CKPT_OPTIM = "optimizer.pt"
+CKPT_STATE = "state.json"
+
+
+# ------------------------------------------------------------------------------------- checkpoint format
+
+
+def read_state(directory: str) -> dict[str, Any]:
+    with open(os.path.join(directory, CKPT_STATE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_state(directory: str, state: dict[str, Any]) -> None:
+    with open(os.path.join(directory, CKPT_STATE), "w", encoding="utf-8") as f:
+        json.dump(state, f)
+
+
+def save_optimizer(directory: str, opt: Any, sched: Any = None) -> None:
+    import torch
+
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None},
+               os.path.join(directory, CKPT_OPTIM))
+
+
+def load_optimizer(directory: str, opt: Any, sched: Any = None) -> None:
+    import torch
+
+    state = torch.load(os.path.join(directory, CKPT_OPTIM), map_location="cpu", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    if sched is not None and state.get("scheduler"):
+        sched.load_state_dict(state["scheduler"])
+
+
+def pre_config(c: dict[str, Any]) -> dict[str, Any]:
+    """The model sees images at data.image_size unless the config's preprocessing says otherwise."""
+    return {"input_size": list(c["data"]["image_size"]), **c["model"]["preprocessing"]}
+
+
+def create_detector(c: dict[str, Any]) -> Any:
+    m = c["model"]
+    return registry.create_detector(m["family"], m["params"], pre_config(c), m["postprocessing"])
+
+
+def checkpoint_state(checkpoint: Any) -> dict[str, Any]:
+    with checkpoint.as_directory() as d:
+        return read_state(d)
+
+
+def resume_epoch(run_uri: str) -> int | None:
+    """The epoch a re-run of ``run_uri`` continues at (1-based), or None for a new run. Train V2 resumes from the
+    run's latest checkpoint; their folder names sort by time."""
+    ckpts = sorted(u for u in storage.listdir(run_uri) if storage.basename(u).startswith("checkpoint_"))
+    for uri in reversed(ckpts):
+        state = storage.join(uri, CKPT_STATE)
+        if storage.exists(state):
+            return int(storage.read_json(state)["epoch"]) + 2
+    return None
+
+
+def checkpoint_to_detector(checkpoint: Any, cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
+    """Rebuild the detector (CPU, eval mode) from a Train checkpoint; returns it with the checkpoint's state."""
+    from safetensors.torch import load_file
+
+    detector = create_detector(cfg.model_dump(mode="json"))
+    with checkpoint.as_directory() as d:
+        detector.load_state_dict(load_file(os.path.join(d, CKPT_WEIGHTS)))
+        state = read_state(d)
+    return detector.eval(), state
+
+
+# --------------------------------------------------------------------------------------------- worker loop
+
+
+def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
+    """Runs on every Ray Train worker. ``c`` is the TrainConfig as a dict plus ``_storage``, ``_select_metric``
+    and ``_select_mode``."""
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+    from ray.train.torch import get_device, prepare_model
+    from safetensors.torch import load_file, save_file
+
+    from components.data.loading import to_batch
+    from components.training import (
+        TrainStep,
+        make_optimizer,
+        make_scheduler,
+        model_fingerprint,
+    )
+
+    storage.configure(**c["_storage"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(c["seed"] + 1000 * rank)
+    gen = torch.Generator().manual_seed(c["seed"] + 7 + rank)
+    detector = create_detector(c)
+    objective = registry.create_objective(c["model"]["family"], c["loss"])
+    fingerprint = model_fingerprint(c)
+
+    start_epoch, best, history, resume_dir = 0, None, [], None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        resume_dir = ckpt.to_directory()
+        state = read_state(resume_dir)
+        if state.get("fingerprint") != fingerprint:
+            raise WeightsError(f"run {c['name']!r} has checkpoints of a different model/preprocessing",
+                               "choose a new run name (name: ...) or restore the original model settings")
+        detector.load_state_dict(load_file(os.path.join(resume_dir, CKPT_WEIGHTS)))
+        start_epoch, best, history = int(state["epoch"]) + 1, state.get("best"), state.get("history", [])
+
+    step = prepare_model(TrainStep(detector, objective))
+    device = get_device()
+    o = c["optim"]
+    opt = make_optimizer(objective.param_groups(detector, o["lr"], o["weight_decay"]), o)
+    sched = make_scheduler(opt, o)
+    if resume_dir is not None:
+        load_optimizer(resume_dir, opt, sched)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    try:
+        val_shard = ray.train.get_dataset_shard("val")
+    except (KeyError, ValueError):
+        val_shard = None
+    aug = c["data"]["augment"]
+    select, mode = c["_select_metric"], c["_select_mode"]
+
+    for epoch in range(start_epoch, o["epochs"]):
+        t0 = time.time()
+        step.train()
+        sums: dict[str, float] = {}
+        n_batches = 0
+        for arrays in train_shard.iter_batches(batch_size=o["batch_size"], batch_format="numpy",
+                                               local_shuffle_buffer_size=max(4 * o["batch_size"], 32),
+                                               local_shuffle_seed=c["seed"] + epoch * 131 + rank):
+            loss, logs = step(to_batch(arrays, device, gen, hflip=aug["hflip"], vflip=aug["vflip"]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if o["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(step.parameters(), o["grad_clip"])
+            opt.step()
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n_batches += 1
+        if sched is not None:
+            sched.step()
+        metrics: dict[str, Any] = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
+        metrics.update(_validate(objective, detector, val_shard, device, c, rank))
+        metrics.update({"epoch": epoch + 1, "epoch_time_s": round(time.time() - t0, 3),
+                        "lr": opt.param_groups[0]["lr"]})
+        if select and metrics.get(select) is not None and (
+                best is None or (metrics[select] > best if mode == "max" else metrics[select] < best)):
+            best = metrics[select]
+        history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                save_file({k: v.detach().cpu().contiguous() for k, v in detector.state_dict().items()},
+                          os.path.join(d, CKPT_WEIGHTS))
+                save_optimizer(d, opt, sched)
+                write_state(d, {"epoch": epoch, "best": best, "select": select, "fingerprint": fingerprint,
+                                "history": history})
+                checkpoint = Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+    return {"epochs": o["epochs"], "best": best}
+
+
+def _validate(objective: Any, detector: Any, shard: Any, device: Any, c: dict[str, Any], rank: int
+              ) -> dict[str, float]:
+    """Validation metrics, computed by rank 0 on the whole validation split (the split is not sharded: sharding
+    equally would drop images, and only rank 0's metrics are kept by Ray Train anyway)."""
+    import torch
+
+    from components.data.loading import to_batch
+    from components.training import ValidationMeter
+
+    if shard is None or rank != 0:
+        return {}
+    detector.eval()
+    meter = ValidationMeter(c["eval"]["threshold"])
+    with torch.no_grad():
+        for arrays in shard.iter_batches(batch_size=c["optim"]["batch_size"], batch_format="numpy"):
+            b = to_batch(arrays, device)
+            loss, _ = objective(detector, b)
+            out = (detector(b.images) if b.features is None
+                   else detector.forward_features(b.features, tuple(b.masks.shape[-2:])))
+            meter.add(loss, out.score, out.anomaly_map, b)
+    return meter.metrics()
+
+
+# ------------------------------------------------------------------------------------------ driver side
+
+
+def selection_metric(table: pa.Table, cfg: TrainConfig) -> tuple[str | None, str]:
+    """``checkpoint.metric`` when set; else, for segmenters, val_iou_pooled when validation has masks; for
+    detectors with an image score, val_image_auroc when validation has both labels; else val_loss; with no
+    validation split, none (keep the last checkpoint)."""
+    val = table.filter(pc.equal(table["split"], "val"))
+    if val.num_rows == 0:
+        return None, "max"
+    if cfg.checkpoint.metric != "auto":
+        return cfg.checkpoint.metric, cfg.checkpoint.mode
+    labels = set(val["label"].to_pylist())
+    has_masks = int(pc.sum(pc.equal(val["supervision"], "pixel")).as_py() or 0) > 0
+    if registry.get(cfg.model.family).needs_masks:
+        if has_masks:
+            return "val_iou_pooled", "max"
+    elif {0, 1} <= labels:
+        return "val_image_auroc", "max"
+    return "val_loss", "min"
+
+
+def loop_config(cfg: TrainConfig, select: tuple[str | None, str]) -> dict[str, Any]:
+    c = cfg.model_dump(mode="json")
+    c["_storage"] = storage.worker_settings()
+    c["_select_metric"], c["_select_mode"] = select
+    return c
+
+
+def build_trainer(loop: Any, loop_cfg: dict[str, Any], datasets: dict[str, Any], *, scaling: Any, use_gpu: bool,
+                  run_name: str, storage_uri: str, select: tuple[str | None, str] = (None, "max"),
+                  num_to_keep: int = 2, callbacks: list[Any] | None = None) -> Any:
+    """A TorchTrainer whose run (checkpoints, resume point) lives at ``<storage_uri>/<run_name>``; the train
+    dataset is split over the workers, validation is not (rank 0 scores all of it)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    fs, path = storage.arrow_fs(storage_uri)
+    sel, mode = select
+    ckpt_cfg = CheckpointConfig(num_to_keep=max(num_to_keep, 1), checkpoint_score_attribute=sel,
+                                checkpoint_score_order=mode) if sel else CheckpointConfig(num_to_keep=num_to_keep)
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if use_gpu else {})}
+    return TorchTrainer(
+        loop, train_loop_config=loop_cfg, datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]),
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=fs, checkpoint_config=ckpt_cfg,
+                             failure_config=FailureConfig(max_failures=1), callbacks=callbacks or [],
+                             logging_config=LoggingConfig(log_level="WARNING")))
+
+
+def pick_checkpoint(result: Any, cfg: TrainConfig, select: tuple[str | None, str]) -> Any:
+    sel, mode = select
+    if cfg.checkpoint.select == "best" and sel and result.best_checkpoints:
+        scored = [(ck, mets) for ck, mets in result.best_checkpoints if mets.get(sel) is not None]
+        if scored:
+            pick = max if mode == "max" else min
+            return pick(scored, key=lambda cm: cm[1][sel])[0]
+    if result.checkpoint is None:
+        raise DefectflowError("training produced no checkpoint", "check the run's logs (optim.epochs >= 1?)")
+    return result.checkpoint
+
+
+# ------------------------------------------------------------------------------- progress lines and errors
+
+
+class _Sink:
+    """Epoch metrics from Train controllers (in any process of the cluster) for the driver to print."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+
+    def put(self, item: dict[str, Any]) -> None:
+        self.items.append(item)
+
+    def drain(self) -> list[dict[str, Any]]:
+        out, self.items = self.items, []
+        return out
+
+
+def progress_sink() -> Any:
+    import ray
+
+    return ray.remote(_Sink).options(num_cpus=0).remote()
+
+
+def epoch_callback(sink: Any, label: str, epochs: int) -> Any:
+    """A Train callback (it runs in the Train controller after every epoch's report) that hands the metrics to
+    ``sink``; the driver prints them (:func:`printing`), one line per epoch. Worker logs go to the log file."""
+    from ray.train import UserCallback
+
+    class EpochLines(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if metrics:
+                sink.put.remote({"label": label, "epochs": epochs, **metrics[0]})
+
+    return EpochLines()
+
+
+def epoch_line(m: dict[str, Any]) -> str:
+    shown = [k for k in ("loss", "train_loss", "val_loss", "val_iou_pooled", "val_iou", "val_image_auroc", "val_mae")
+             if isinstance(m.get(k), float)]
+    return (f"{m['label']} epoch {m['epoch']}/{m['epochs']} " + " ".join(f"{k}={m[k]:.4f}" for k in shown)
+            + f" ({m.get('epoch_time_s', 0):.1f} s)")
+
+
+def _poll(sink: Any, stop: threading.Event, interval: float = 1.0) -> None:
+    import ray
+
+    while True:
+        done = stop.wait(interval)
+        try:
+            for m in ray.get(sink.drain.remote(), timeout=30):
+                log.info(epoch_line(m))
+        except Exception as e:  # progress lines must never break a run
+            log.debug("progress sink: %s", e)
+        if done:
+            return
+
+
+@contextlib.contextmanager
+def printing(sink: Any) -> Iterator[None]:
+    """Print the sink's epoch lines from a driver thread while the body (a fit) runs."""
+    stop = threading.Event()
+    thread = threading.Thread(target=_poll, args=(sink, stop), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=35)
+
+
+def fit(trainer: Any, sink: Any = None) -> Any:
+    """``trainer.fit()`` (printing ``sink``'s epoch lines) with worker errors the user can fix raised as such."""
+    from ray.train import TrainingFailedError
+
+    try:
+        with printing(sink) if sink is not None else contextlib.nullcontext():
+            result = trainer.fit()
+    except TrainingFailedError as e:
+        cause = user_error(e)
+        if cause is not None:
+            raise cause from e
+        raise
+    if result.error is not None:
+        cause = user_error(result.error)
+        if cause is not None:
+            raise cause
+        raise result.error
+    return result
+
+
+def user_error(e: BaseException) -> DefectflowError | None:
+    """Find a DefectflowError raised inside a worker (it arrives wrapped in Ray's errors)."""
+    seen = set()
+    stack: list[Any] = [e]
+    while stack:
+        cur = stack.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, DefectflowError):
+            return cur
+        for attr in ("cause", "__cause__", "__context__"):
+            stack.append(getattr(cur, attr, None))
+        for attr in ("worker_failures", "errors"):
+            val = getattr(cur, attr, None)
+            if isinstance(val, dict):
+                stack.extend(val.values())
+            elif isinstance(val, (list, tuple)):
+                stack.extend(val)
+    text = str(e)
+    for cls in (WeightsError, DataError, ConfigError):
+        marker = f"{cls.__name__}: "
+        if marker in text:
+            return cls(text.split(marker, 1)[1].strip().splitlines()[0])
+    return None
