@@ -53,13 +53,20 @@ def save_optimizer(directory: str, opt: Any, sched: Any = None) -> None:
                os.path.join(directory, CKPT_OPTIM))
 
 
-def load_optimizer(directory: str, opt: Any, sched: Any = None) -> None:
+def read_optimizer(directory: str) -> dict[str, Any]:
     import torch
 
-    state = torch.load(os.path.join(directory, CKPT_OPTIM), map_location="cpu", weights_only=True)
+    return torch.load(os.path.join(directory, CKPT_OPTIM), map_location="cpu", weights_only=True)
+
+
+def restore_optimizer(state: dict[str, Any], opt: Any, sched: Any = None) -> None:
     opt.load_state_dict(state["optimizer"])
     if sched is not None and state.get("scheduler"):
         sched.load_state_dict(state["scheduler"])
+
+
+def load_optimizer(directory: str, opt: Any, sched: Any = None) -> None:
+    restore_optimizer(read_optimizer(directory), opt, sched)
 
 
 def pre_config(c: dict[str, Any]) -> dict[str, Any]:
@@ -128,15 +135,16 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
     objective = registry.create_objective(c["model"]["family"], c["loss"])
     fingerprint = model_fingerprint(c)
 
-    start_epoch, best, history, resume_dir = 0, None, [], None
+    start_epoch, best, history, optim_state = 0, None, [], None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        resume_dir = ckpt.to_directory()
-        state = read_state(resume_dir)
-        if state.get("fingerprint") != fingerprint:
-            raise WeightsError(f"run {c['name']!r} has checkpoints of a different model/preprocessing",
-                               "choose a new run name (name: ...) or restore the original model settings")
-        detector.load_state_dict(load_file(os.path.join(resume_dir, CKPT_WEIGHTS)))
+        with ckpt.as_directory() as d:
+            state = read_state(d)
+            if state.get("fingerprint") != fingerprint:
+                raise WeightsError(f"run {c['name']!r} has checkpoints of a different model/preprocessing",
+                                   "choose a new run name (name: ...) or restore the original model settings")
+            detector.load_state_dict(load_file(os.path.join(d, CKPT_WEIGHTS)))
+            optim_state = read_optimizer(d)
         start_epoch, best, history = int(state["epoch"]) + 1, state.get("best"), state.get("history", [])
 
     step = prepare_model(TrainStep(detector, objective))
@@ -144,8 +152,8 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
     o = c["optim"]
     opt = make_optimizer(objective.param_groups(detector, o["lr"], o["weight_decay"]), o)
     sched = make_scheduler(opt, o)
-    if resume_dir is not None:
-        load_optimizer(resume_dir, opt, sched)
+    if optim_state is not None:
+        restore_optimizer(optim_state, opt, sched)
 
     train_shard = ray.train.get_dataset_shard("train")
     try:
