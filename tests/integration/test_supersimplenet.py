@@ -68,10 +68,10 @@ def test_regime_learns(ray_session, data, request, regime, epochs, floor):
     meta = artifact.read_meta(res.registered_uri)
     assert meta["family"] == "supersimplenet" and meta["threshold_info"]["rule"] in ("f1_max", "max_normal")
     assert meta["lineage"]["regime"] == regime
-    # localisation is measured too, and masks (full, mixed) localise better than chance
+    # localisation is measured too: with all masks it is clearly learned, with 6 masks better than chance
     assert 0.0 < m["test_aupro"] <= 1.0 and 0.0 < m["test_image_ap"] <= 1.0
     if regime in ("full", "mixed"):
-        assert m["test_pixel_auroc"] > 0.7, m
+        assert m["test_pixel_auroc"] > {"full": 0.7, "mixed": 0.55}[regime], m
     assert m["test_decision_threshold"] == meta["threshold"]
 
 
