@@ -135,10 +135,11 @@ def read_state(temp_dir: str) -> dict[str, str] | None:
 
 def write_state(temp_dir: str, values: dict[str, str]) -> None:
     p = state_path(temp_dir)
-    lines = ["# written by cluster/local-head.sh; read by cluster/submit.sh (shell syntax)"]
+    lines = ["# written by cluster/local-head.sh; parsed (not sourced) by cluster/submit.sh"]
     lines += [f"{k}={shlex.quote(str(v))}" for k, v in values.items()]
     tmp = p.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
+    tmp.chmod(0o600)  # submit.sh trusts this file only when its user owns it
     tmp.replace(p)
 
 

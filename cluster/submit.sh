@@ -49,11 +49,20 @@ done
 
 # Which cluster, and whether it wants a token.
 HEAD_STATE="${DEFECTFLOW_HEAD_DIR:-/tmp/defectflow-head}/defectflow-head.env"
+head_value() {  # the value of one key of the head's state file, parsed (never sourced: it may sit in /tmp)
+  "$PY" -c 'import shlex, sys
+for line in open(sys.argv[1]):
+    key, sep, value = line.strip().partition("=")
+    if sep and key == sys.argv[2]:
+        print(shlex.split(value)[0] if value else "")' "$HEAD_STATE" "$1"
+}
 if [ -z "${RAY_ADDRESS:-}" ] && [ -f "$HEAD_STATE" ]; then
-  HEAD_ADDRESS="$(. "$HEAD_STATE" && echo "$RAY_ADDRESS")"
-  HEAD_AUTH="$(. "$HEAD_STATE" && echo "$RAY_AUTH_MODE")"
-  export RAY_ADDRESS="$HEAD_ADDRESS"
-  export RAY_AUTH_MODE="${RAY_AUTH_MODE:-$HEAD_AUTH}"
+  if [ -O "$HEAD_STATE" ]; then
+    export RAY_ADDRESS="$(head_value RAY_ADDRESS)"
+    export RAY_AUTH_MODE="${RAY_AUTH_MODE:-$(head_value RAY_AUTH_MODE)}"
+  else
+    echo "warning: ignoring $HEAD_STATE: another user owns it (set RAY_ADDRESS)" >&2
+  fi
 fi
 export RAY_ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:8265}"
 if [ -z "${RAY_AUTH_MODE:-}" ]; then

@@ -163,6 +163,8 @@ def publish(staging_uri: str, uri: str) -> str:
     """
     src = storage.normalize(staging_uri)
     dst = storage.normalize(uri)
+    for fname in (META, METRICS):  # an artifact published before (a resumed run): unpublish it first, so no
+        storage.delete(storage.join(dst, fname))  # reader ever pairs the new weights with the old detector.json
     _copy_payload(src, dst)
     storage.write_bytes(storage.join(dst, META), storage.read_bytes(storage.join(src, META)))
     storage.delete(src, recursive=True)

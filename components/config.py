@@ -197,8 +197,9 @@ class OptimSettings(Strict):
 class CheckpointSettings(Strict):
     num_to_keep: int = Field(2, ge=1)
     select: Literal["best", "last"] = Field("best", description="which checkpoint becomes the artifact")
-    metric: str = Field("auto", description="selection metric: auto (val_iou_pooled with validation masks, else "
-                                            "val_loss) or any reported metric, e.g. val_iou")
+    metric: str = Field("auto", description="selection metric: auto (segmenters: val_iou_pooled with validation "
+                                            "masks; families with an image score: val_image_auroc with both labels; "
+                                            "else val_loss) or any reported metric, e.g. val_iou")
     mode: Literal["min", "max"] = Field("max", description="for an explicit metric")
 
 
@@ -319,7 +320,7 @@ class SourceRegime(Strict):
 
 
 class SynthesizeConfig(Strict):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="synthetic set name")
+    name: str = Field(..., pattern=NAME_PATTERN, description="synthetic set name")
     manifest: str = Field(..., description="source manifest: its defect-free rows get the defects; its real defect "
                                            "masks and crops feed kind: real masks and the cut-paste generator")
     out: str | None = Field(None, description="default <storage.root>/synthetic/<name>")
@@ -353,7 +354,7 @@ class SynthesizeConfig(Strict):
 
 
 class SynthTrainConfig(Strict):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(..., pattern=NAME_PATTERN)
     kind: Literal["ddpm", "lora"] = "ddpm"
     manifest: str = Field(..., description="manifest whose train-split defect masks give the training crops")
     seed: int = 0
@@ -374,6 +375,13 @@ class SynthTrainConfig(Strict):
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _lora_needs_a_pipeline(self) -> SynthTrainConfig:
+        if self.kind == "lora" and not self.lora.get("model"):
+            raise ValueError("kind lora needs lora.model: a local folder or s3:// URI of a diffusers inpainting "
+                             "pipeline")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- serve

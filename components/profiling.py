@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from components.export import ONNX_INPUT, eval_mode, export_onnx, onnx_run, onnx_session
+from components.export import ONNX_INPUT, eval_mode, export_onnx, onnx_session
 
 log = logging.getLogger(__name__)
 
-__all__ = ["count_flops", "count_parameters", "cpu_throughput", "machine", "measure_detector", "onnx_export",
-           "onnx_run", "onnx_session", "onnx_throughput", "variant_label"]
+__all__ = ["count_flops", "count_parameters", "cpu_throughput", "machine", "measure_detector", "onnx_throughput",
+           "variant_label"]
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
@@ -74,11 +74,6 @@ def cpu_throughput(module: nn.Module, input_shape: Sequence[int], warmup: int = 
             module(x)
         elapsed = time.perf_counter() - start
     return iters * int(input_shape[0]) / elapsed
-
-
-def onnx_export(detector: nn.Module, path: str | os.PathLike, input_size: Sequence[int]) -> str:
-    """Deprecated alias of :func:`components.export.export_onnx` (fixed size, parity-checked); returns the path."""
-    return export_onnx(detector, os.fspath(path), input_size).uri
 
 
 def onnx_throughput(path: str | os.PathLike, input_shape: Sequence[int] | None = None, warmup: int = 5,

@@ -24,8 +24,9 @@ def set_stream(stream: TextIO | None) -> None:
     _stream = stream
 
 
-def bar(it: Iterable[T], total: int, desc: str, unit: str = "it", min_total: int = MIN_TOTAL) -> Iterable[T]:
-    """A tqdm bar for long loops only. TQDM_DISABLE=1 still silences every bar (an explicit ``disable=False``
-    would override it, so it is only ever passed as True)."""
-    kw: dict[str, Any] = {"disable": True} if total < min_total else {}
+def bar(it: Iterable[T], total: int, desc: str, unit: str = "it", min_total: int = MIN_TOTAL,
+        enabled: bool = True) -> Iterable[T]:
+    """A tqdm bar for long loops only (and only when ``enabled``). TQDM_DISABLE=1 still silences every bar (an
+    explicit ``disable=False`` would override it, so it is only ever passed as True)."""
+    kw: dict[str, Any] = {"disable": True} if total < min_total or not enabled else {}
     return tqdm(it, total=total, desc=desc, unit=unit, leave=False, file=_stream or sys.stderr, **kw)

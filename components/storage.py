@@ -37,6 +37,16 @@ log = logging.getLogger(__name__)
 _S3_SCHEMES = ("s3://", "s3a://")
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file (0666 minus the process umask)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()  # read once at import: os.umask is process-global
+
+
 @dataclass(frozen=True)
 class S3Settings:
     """Where S3 lives. ``endpoint_url`` is for S3-compatible stores (MinIO, moto, Ceph)."""
@@ -373,6 +383,7 @@ def _atomic_local(uri: str) -> Iterator[str]:
         os.close(fd)
         try:
             yield tmp
+            os.chmod(tmp, _FILE_MODE)  # mkstemp's 0600 would hide artifacts and reports from the rest of the team
             os.replace(tmp, uri)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

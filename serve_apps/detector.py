@@ -38,7 +38,7 @@ from components.data.images import (
     decode_image,
     encode_png,
 )
-from components.errors import ConfigError, DataError
+from components.errors import ConfigError, DataError, DefectflowError
 from components.inference import infer, map_to_png_array, pick_device
 
 log = logging.getLogger("defectflow.serve")
@@ -77,7 +77,6 @@ class DetectorService:
         self.device = pick_device(use_gpu)
         self._lock = threading.Lock()
         self._model: tuple[Any, dict[str, Any], float] | None = None
-        self._loaded_ref: str | None = None  # the reference the current model was loaded from
         self._base_uri = model_uri  # what the app was built with; a user_config model_uri overrides it
         self._threshold_override = threshold
         if model_uri:
@@ -91,7 +90,6 @@ class DetectorService:
         thr = float(threshold if threshold is not None else meta.get("threshold", 0.5))
         with self._lock:
             self._model = (detector, meta, thr)
-            self._loaded_ref = model_uri
         log.info("serving %s (%s), threshold %.3f", meta["uri"], meta["family"], thr)
 
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
@@ -103,7 +101,8 @@ class DetectorService:
         cfg = cfgmod.validate(UserConfig, dict(user_config or {}), "user_config of the Detector deployment")
         uri = cfg.model_uri or self._base_uri
         thr = cfg.threshold if cfg.threshold is not None else self._threshold_override
-        if uri and uri != self._loaded_ref:
+        loaded = self._model[1]["uri"] if self._model is not None else None
+        if uri and catalog.resolve_model(uri) != loaded:  # an alias may point elsewhere than when it was loaded
             self._load(uri, thr)
         elif self._model is not None:
             det, meta, _ = self._model
@@ -234,10 +233,11 @@ def build_app(args: dict[str, Any]) -> Any:
     ``serve run serve_apps.detector:build_app model_uri=...``; see :func:`app_config` for the args."""
     try:
         cfg = app_config(args)
-    except ConfigError as e:
-        # A bad config fails the same way every time: a RayServeException makes Serve report it at once, where any
-        # other exception has the build task retried three times (about 20 s here) before the deploy fails.
+        cfg.storage.apply()  # the model reference is resolved here, in the build task; replicas inherit the settings
+        return build(cfg.model, threshold=cfg.threshold, num_replicas=cfg.num_replicas, num_cpus=cfg.num_cpus,
+                     num_gpus=cfg.num_gpus, max_upload_bytes=cfg.max_upload_bytes,
+                     max_image_pixels=cfg.max_image_pixels)
+    except DefectflowError as e:
+        # A bad config or model reference fails the same way every time: a RayServeException makes Serve report it
+        # at once, where any other exception has the build task retried three times (about 20 s) first.
         raise RayServeException(str(e)) from e
-    cfg.storage.apply()  # the model reference is resolved here, in the build task, and replicas inherit the settings
-    return build(cfg.model, threshold=cfg.threshold, num_replicas=cfg.num_replicas, num_cpus=cfg.num_cpus,
-                 num_gpus=cfg.num_gpus, max_upload_bytes=cfg.max_upload_bytes, max_image_pixels=cfg.max_image_pixels)

@@ -74,8 +74,17 @@ def jsonable(obj: Any) -> Any:
 def execute(command: Command, args: argparse.Namespace) -> int:
     """Run a parsed command: console and log file, user errors as one line (exit 2), the report, the exit code."""
     verbose = bool(getattr(args, "verbose", False))
-    console.start(command.name, verbose)
-    code = 0
+    with console.session(command.name, verbose) as session:
+        try:
+            code = _run(command, args)
+        finally:
+            _stop_ray()  # inside the session: Ray flushes its last (deduplicated) worker logs at shutdown
+    if session.where and not verbose:
+        print(f"log: {session.where}", file=sys.stderr, flush=True)
+    return code
+
+
+def _run(command: Command, args: argparse.Namespace) -> int:
     try:
         result = command.run(args)
         text = command.report(result) if command.report is not None else None
@@ -83,7 +92,7 @@ def execute(command: Command, args: argparse.Namespace) -> int:
             console.out(text)
         if getattr(args, "json", False):
             console.out(json.dumps(jsonable(result), default=str, indent=2))
-        code = command.exit_code(result) if command.exit_code is not None else 0
+        return command.exit_code(result) if command.exit_code is not None else 0
     except DefectflowError as e:
         if os.environ.get("DEFECTFLOW_TRACEBACK"):
             raise
@@ -91,24 +100,19 @@ def execute(command: Command, args: argparse.Namespace) -> int:
         console.err(f"error: {e.message}")
         if e.hint:
             console.err(f"  hint: {e.hint}")
-        code = 2
+        return 2
     except KeyboardInterrupt:
         console.err("interrupted")
-        code = 130
-    except BrokenPipeError:  # output piped into `head` and friends
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 130
+    except BrokenPipeError:  # result piped into `head` and friends: the reader has what it wanted
+        console.silence_stdout()
+        return 0
     except Exception as e:
         if os.environ.get("DEFECTFLOW_TRACEBACK"):
             raise
-        log.exception("unexpected failure")
+        log.exception("unexpected failure")  # the traceback goes to the log file only
         console.err(f"error: unexpected failure: {type(e).__name__}: {e}"[:2000])
-        code = 1
-    finally:
-        _stop_ray()  # before the console ends: Ray flushes its last (deduplicated) worker logs at shutdown
-        where = console.finish()
-    if where and not verbose:
-        print(f"log: {where}", file=sys.stderr, flush=True)
-    return code
+        return 1
 
 
 def _stop_ray() -> None:

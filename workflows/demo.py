@@ -162,7 +162,8 @@ def _serve_one_image(result: DemoResult, model: str, manifest_uri: str, port: in
     resp = requests.post(f"{handle.url}/v1/detect", files={"image": ("sample.png", _demo_image(manifest_uri),
                                                                      "image/png")}, timeout=60)
     if resp.status_code != 200:
-        raise DefectflowError(f"the endpoint answered {resp.status_code}: {resp.text[:300]}")
+        raise DefectflowError(f"the endpoint answered {resp.status_code}: {resp.text[:300]}",
+                              f"the replica's log is in the demo's log file ({result.out}/logs)")
     body = resp.json()
     Path(result.out, "reports", "http_defect_map.png").write_bytes(base64.b64decode(body["defect_map_png"]))
     result.http = {k: body[k] for k in ("score", "is_defect", "threshold", "latency_ms")}

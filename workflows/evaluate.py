@@ -275,19 +275,21 @@ class EvaluateConfig(cfgmod.Strict):
 
 
 def run_cli(args: argparse.Namespace) -> EvalResult:
-    from workflows.runtime import init_ray
+    from workflows.runtime import actor_pool_gpu, init_ray
 
     cfg = cfgmod.load(EvaluateConfig, overrides=args.set, what="evaluate options")
     layout = cfg.storage.apply()
     init_ray(cfg.ray, cfg.storage)
+    use_gpu = actor_pool_gpu("evaluate", "auto", 1.0)
     table = manifest.read(args.manifest)
     model_uri = catalog.resolve_model(args.model)
     if args.calibrate:
         calibrate(model_uri, table, "auto", pixel_threshold=pixel_threshold(artifact.read_meta(model_uri)),
-                  margin=cfg.eval.threshold_margin, batch_size=cfg.eval.batch_size, num_actors=cfg.eval.num_actors)
+                  margin=cfg.eval.threshold_margin, batch_size=cfg.eval.batch_size, num_actors=cfg.eval.num_actors,
+                  use_gpu=use_gpu)
     result = evaluate(model_uri, table, split=args.split, threshold=args.threshold,
                       seg_iou_threshold=cfg.eval.seg_iou_threshold, batch_size=cfg.eval.batch_size,
-                      num_actors=cfg.eval.num_actors, sheet_images=cfg.eval.sheet_images)
+                      num_actors=cfg.eval.num_actors, sheet_images=cfg.eval.sheet_images, use_gpu=use_gpu)
     name = "-".join(model_uri.rstrip("/").split("/")[-2:])
     out = args.out or layout.reports(f"eval-{name}-{args.split}")
     console.keep_log_in(out)

@@ -118,9 +118,10 @@ def run(model: str, input_uri: str, out_uri: str, *, threshold: float | None = N
     if use_ray:
         import ray.data
 
-        from workflows.runtime import init_ray
+        from workflows.runtime import actor_pool_gpu, init_ray
 
         init_ray(ray_cfg, storage_cfg)
+        use_gpu = use_gpu or actor_pool_gpu("predict", "auto", 1.0)
         ds = ray.data.from_items([{"uri": u, "stem": st} for u, st in items])
         ds = ds.map_batches(MapWriter, fn_constructor_kwargs={
             "model_uri": model_uri, "out_uri": out_uri, "threshold": threshold, "storage_settings": env,

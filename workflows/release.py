@@ -58,7 +58,7 @@ def evaluate_split(art_uri: str, full: pa.Table, cfg: TrainConfig, use_gpu: bool
 
 def release(cfg: TrainConfig, full: pa.Table, checkpoint: Any, *, layout: catalog.Layout, run_uri: str,
             history: list[dict[str, Any]], use_gpu: bool, lineage: dict[str, Any] | None = None,
-            report_name: str | None = None, register: bool | None = None) -> TrainResult:
+            report_uri: str | None = None, register: bool | None = None) -> TrainResult:
     """Checkpoint -> staged artifact -> calibration -> evaluation -> report -> published artifact -> catalog.
 
     ``history`` is the per-epoch metrics of the whole run; the chosen checkpoint may be an earlier, better epoch.
@@ -83,7 +83,7 @@ def release(cfg: TrainConfig, full: pa.Table, checkpoint: Any, *, layout: catalo
     metrics = {k: v for k, v in metrics.items() if v is not None}
     artifact.update_meta(staging, metrics=metrics)
 
-    report_uri = layout.reports(report_name or cfg.name)
+    report_uri = report_uri or layout.reports(cfg.name)
     ev.write_report(result, report_uri, title=f"{cfg.name}: {cfg.model.family} on {cfg.eval.split}")
     storage.write_json(storage.join(report_uri, "history.json"), history)
     curves_uri = storage.join(report_uri, "curves.png")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 from components import catalog
 from components import config as cfgmod
 from components.config import ServeConfig
+from components.errors import ConfigError
+from workflows import console
 from workflows.command import Command, main
 
 log = logging.getLogger("defectflow.serve")
@@ -82,16 +85,20 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 def run_cli(args: argparse.Namespace) -> ServeHandle:
     cfg = config_from_args(args)
+    if args.detach and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        raise ConfigError("--detach leaves the endpoint on a running cluster, but none is given: a Ray instance this "
+                          "command starts ends with it", "start one (cluster/local-head.sh) and pass its address "
+                          "(--set ray.address=<host:port>, or RAY_ADDRESS), or serve without --detach")
     handle = start(cfg)
-    print(f"serving {handle.model_uri}\n  POST {handle.url}/v1/detect  (multipart field 'image')\n"
-          f"  GET  {handle.url}/healthz", flush=True)
+    console.out(f"serving {handle.model_uri}\n  POST {handle.url}/v1/detect  (multipart field 'image')\n"
+                f"  GET  {handle.url}/healthz")
     if args.detach:
         return handle
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("stopping", flush=True)
+        console.out("stopping")
         stop()
     return handle
 

@@ -26,7 +26,6 @@ from components import config as cfgmod
 from components.config import SweepConfig, TrainConfig
 from components.errors import ConfigError, DefectflowError
 from workflows import console, features, release, train, train_data, trainer
-from workflows import evaluate as ev
 from workflows.command import Command, add_config_options, main
 from workflows.runtime import check_train_resources, cluster_resources, init_ray, resolve_use_gpu
 
@@ -157,9 +156,12 @@ def run(cfg: SweepConfig) -> SweepResult:
                           "re-ingest with a val fraction > 0 (split.val)")
     init_ray(base.ray, base.storage)
     use_gpu = resolve_use_gpu(base.scaling)
-    check_train_resources(base.scaling, use_gpu)
+    check_train_resources(base.scaling, use_gpu, extra_cpus=TRIAL_DRIVER_CPU)
     n_conc = concurrency(cfg, base, use_gpu)
-    shared = None if any(k.startswith("data.") for k in cfg.space) else train_data.build(
+    # trials share one dataset unless the space changes what it holds: the rows (data.*) or, when training from
+    # cached features, the model that computes them (model.*)
+    per_trial = ("data.", "model.") if base.data.features else ("data.",)
+    shared = None if any(k.startswith(per_trial) for k in cfg.space) else train_data.build(
         table, base, features.for_training(base))
     train_data.quiet_progress()
 
@@ -178,9 +180,11 @@ def run(cfg: SweepConfig) -> SweepResult:
     report_uri = layout.reports(cfg.name)
     _write_report(cfg, trials, curves, report_uri)
     best = best_trial(cfg, trials, sweep_uri)
-    best["artifact"], test_metrics = _best_artifact(cfg, best, base_json, full, trials_uri, report_uri, use_gpu)
+    released = _release_best(cfg, best, base_json, full, layout, trials_uri, report_uri, use_gpu)
+    best["artifact"], test_metrics = released.artifact_uri, released.metrics
     registered = artifact.register(best["artifact"], layout, base.output.model_name or base.model.family,
-                                   lineage={"sweep": cfg.name, "trial_id": best["trial_id"]})
+                                   lineage={"sweep": cfg.name, "trial_id": best["trial_id"]}
+                                   ) if base.output.register_model else None
     _write_report(cfg, trials, curves, report_uri, best=best, test_metrics=test_metrics, registered=registered)
     return SweepResult(name=cfg.name, trials=trials, best=best, registered_uri=registered, report_uri=report_uri,
                        test_metrics=test_metrics, seconds=round(time.time() - t0, 1))
@@ -197,18 +201,20 @@ def best_trial(cfg: SweepConfig, trials: list[dict[str, Any]], sweep_uri: str) -
     return best
 
 
-def _best_artifact(cfg: SweepConfig, best: dict[str, Any], base: dict[str, Any], full: Any, trials_uri: str,
-                   report_uri: str, use_gpu: bool) -> tuple[str, dict[str, Any]]:
-    """The best trial's best checkpoint as a calibrated artifact, evaluated on the test split (complete before its
-    detector.json appears, as in :mod:`workflows.release`)."""
-    tcfg = trial_config(base, best["params"], f"{cfg.name}-{best['trial_id']}")
-    staging = _trial_artifact(best, base, cfg, trials_uri, (cfg.metric, cfg.mode), ".staging-artifact")
-    release.calibrate(staging, full, tcfg, use_gpu)
-    result, test_metrics = release.evaluate_split(staging, full, tcfg, use_gpu)
-    artifact.update_meta(staging, metrics={k: v for k, v in test_metrics.items() if v is not None},
-                         lineage={"sweep_report": report_uri})
-    ev.write_report(result, storage.join(report_uri, "best"), title=f"Sweep {cfg.name}: best trial on test")
-    return artifact.publish(staging, storage.join(storage.parent(staging), "artifact")), test_metrics
+def _release_best(cfg: SweepConfig, best: dict[str, Any], base: dict[str, Any], full: Any, layout: Any,
+                  trials_uri: str, report_uri: str, use_gpu: bool) -> Any:
+    """The best trial's best checkpoint released as any run's is (:func:`workflows.release.release`: staged,
+    calibrated, evaluated on test, reported under ``<report>/best``, published), into its trial's run folder."""
+    from ray.train import Checkpoint
+
+    name = f"{cfg.name}-{best['trial_id']}"
+    fs, _ = storage.arrow_fs(trials_uri)
+    checkpoint = Checkpoint(path=best["checkpoint"], filesystem=fs)
+    return release.release(trial_config(base, best["params"], name), full, checkpoint, layout=layout,
+                           run_uri=storage.join(trials_uri, name), history=trainer.checkpoint_state(checkpoint)
+                           ["history"], use_gpu=use_gpu, register=False, report_uri=storage.join(report_uri, "best"),
+                           lineage={"sweep": cfg.name, "sweep_report": report_uri, "trial_id": best["trial_id"],
+                                    "trial_params": best["params"]})
 
 
 def _example(spec: dict[str, Any]) -> Any:
@@ -243,24 +249,6 @@ def _collect(grid: Any, cfg: SweepConfig, epochs_planned: int) -> tuple[list[dic
         curves[label] = (epochs, values)
     trials.sort(key=lambda t: t["trial_id"])
     return trials, curves
-
-
-def _trial_artifact(trial: dict[str, Any], base: dict[str, Any], cfg: SweepConfig, trials_uri: str,
-                    select: tuple[str | None, str], folder: str = "artifact") -> str:
-    """Build the artifact of a trial from its best Train checkpoint (in the trials storage)."""
-    from ray.train import Checkpoint
-
-    name = f"{cfg.name}-{trial['trial_id']}"
-    tcfg = trial_config(base, trial["params"], name)
-    fs, _ = storage.arrow_fs(trials_uri)
-    detector, state = trainer.checkpoint_to_detector(Checkpoint(path=trial["checkpoint"], filesystem=fs), tcfg)
-    uri = storage.join(trials_uri, name, folder)
-    artifact.save(detector, uri, threshold=tcfg.eval.threshold,
-                  metrics={f"best_{select[0]}": trial["best"]},
-                  lineage={"sweep": cfg.name, "trial_id": trial["trial_id"], "trial_params": trial["params"],
-                           "chosen_epoch": int(state["epoch"]) + 1, "manifest": tcfg.data.manifest,
-                           "regime": tcfg.data.regime, "train_config": tcfg.model_dump(mode="json")})
-    return uri
 
 
 def _trial_id(res: Any) -> str:

@@ -101,7 +101,7 @@ def _claim_folder(cfg: SynthesizeConfig, out: str) -> None:
     """Record the settings a folder's samples are made with; a re-run with other settings is refused."""
     fingerprint = {k: v for k, v in cfg.model_dump(mode="json").items()
                    if k not in ("count", "max_waves", "num_actors", "cpus_per_actor", "use_gpu", "contact_sheet",
-                                "storage", "ray", "out")}
+                                "storage", "ray", "out")} | {"synthesis_version": pipeline.VERSION}
     cfg_uri = storage.join(out, CONFIG_FILE)
     if not storage.exists(cfg_uri):
         storage.write_json(cfg_uri, fingerprint)

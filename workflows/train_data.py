@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from components import storage
 from components.config import TrainConfig
 from components.data import feature_cache
-from components.data.loading import prepare_target, prepare_usable_rows
+from components.data.loading import prepare_rows_checked, prepare_target
 from components.errors import ConfigError, DataError
 
 log = logging.getLogger("defectflow.train")
@@ -27,31 +27,32 @@ TARGET_COLUMNS = ["sample_id", "label", "supervision", "mask_uri", "mask_bytes",
 def _pixels(batch: pa.Table, image_size: tuple[int, int], max_pixels: int,
             storage_settings: dict[str, Any]) -> dict[str, np.ndarray]:
     storage.configure(**storage_settings)
-    return prepare_usable_rows(batch.to_pylist(), image_size, max_pixels)
+    return prepare_rows_checked(batch.to_pylist(), image_size, max_pixels)
 
 
 def _features(batch: pa.Table, lookup_ref: Any, image_size: tuple[int, int], max_pixels: int,
               storage_settings: dict[str, Any]) -> dict[str, np.ndarray]:
     """Feature-shard rows (already filtered to this split) -> features + targets; a row whose mask cannot be read
-    is skipped."""
+    is kept with ``ok`` False (filtered out after the map, as in :func:`prepare_rows_checked`)."""
     import ray
 
     storage.configure(**storage_settings)
     lookup = ray.get(lookup_ref)
-    feats = feature_cache.decode(batch.column("features"))
-    keep, targets = [], []
-    for i, sid in enumerate(batch.column("sample_id").to_pylist()):
+    ids = batch.column("sample_id").to_pylist()
+    targets, ok = [], []
+    for sid in ids:
         try:
             targets.append(prepare_target(lookup[sid], image_size, max_pixels=max_pixels))
+            ok.append(True)
         except DataError as e:
             log.warning("skipping %s: %s", sid, e.message)
-            continue
-        keep.append(i)
-    return {"sample_id": np.array([batch.column("sample_id")[i].as_py() for i in keep], dtype=object),
-            "features": feats[keep],
-            "mask": np.stack([t["mask"] for t in targets]) if targets else np.zeros((0, 1, *image_size), np.uint8),
+            targets.append({"mask": np.zeros((1, *image_size), np.uint8), "label": np.float32(-1),
+                            "has_mask": False})
+            ok.append(False)
+    return {"sample_id": np.array(ids, dtype=object), "features": feature_cache.decode(batch.column("features")),
+            "mask": np.stack([t["mask"] for t in targets]),
             "label": np.array([t["label"] for t in targets], np.float32),
-            "has_mask": np.array([t["has_mask"] for t in targets], bool)}
+            "has_mask": np.array([t["has_mask"] for t in targets], bool), "ok": np.array(ok, bool)}
 
 
 def _split(table: pa.Table, split: str) -> pa.Table:
@@ -61,6 +62,7 @@ def _split(table: pa.Table, split: str) -> pa.Table:
 def from_pixels(table: pa.Table, cfg: TrainConfig) -> dict[str, Any]:
     """Train/val datasets of uint8 images (3, H, W) and their targets, decoded by Ray Data tasks."""
     import ray.data
+    from ray.data.expressions import col
 
     out = {}
     h, w = cfg.data.image_size
@@ -71,7 +73,7 @@ def from_pixels(table: pa.Table, cfg: TrainConfig) -> dict[str, Any]:
         ds = ray.data.from_arrow(sub).map_batches(
             _pixels, fn_kwargs={"image_size": (h, w), "max_pixels": cfg.data.max_image_pixels,
                                 "storage_settings": storage.worker_settings()},
-            batch_size=16, batch_format="pyarrow")
+            batch_size=16, batch_format="pyarrow").filter(expr=col("ok"))
         out[split] = ds.materialize() if sub.num_rows * (4 * h * w + 64) < MATERIALIZE_BYTES else ds
     return out
 
@@ -88,6 +90,10 @@ def from_features(table: pa.Table, cfg: TrainConfig, features_uris: list[str]) -
         if feature_cache.read_signature(other)["feature_shape"] != sig["feature_shape"]:
             raise ConfigError(f"{other} and {features_uris[0]} hold features of different shapes",
                               "compute both with the same model and image size")
+    if len({storage.is_s3(u) for u in features_uris}) > 1:
+        raise ConfigError(f"feature caches on different stores cannot be read as one dataset: {features_uris}",
+                          "keep data.features and the storage root (where a synthetic set's cache goes) on the same "
+                          "store, or use data.features: auto")
     fs, _ = storage.arrow_fs(features_uris[0])
     files = [storage.strip_scheme(f) for u in features_uris for f in feature_cache.shard_files(u)]
     c, fh, fw = sig["feature_shape"]
@@ -103,7 +109,8 @@ def from_features(table: pa.Table, cfg: TrainConfig, features_uris: list[str]) -
               .map_batches(_features, fn_kwargs={"lookup_ref": ray.put(lookup), "image_size": (h, w),
                                                  "max_pixels": cfg.data.max_image_pixels,
                                                  "storage_settings": storage.worker_settings()},
-                           batch_size=16, batch_format="pyarrow"))
+                           batch_size=16, batch_format="pyarrow")
+              .filter(expr=col("ok")))
         out[split] = ds.materialize() if sub.num_rows * (4 * c * fh * fw + h * w) < MATERIALIZE_BYTES else ds
     return out
 

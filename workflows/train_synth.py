@@ -187,9 +187,7 @@ class _LoRATrainer(_Trainer):
         from components.synthesis.generators.diffusion import load_pipeline
 
         self.cfg = cfg
-        opts = {"rank": 4, "alpha": 4, "prompt": "{defect} defect", "prompts": {}, **cfg.lora}
-        if "model" not in opts:
-            raise DataError("kind lora needs lora.model: a local folder or s3:// URI of an inpainting pipeline")
+        opts = {"rank": 4, "alpha": 4, "prompt": "{defect} defect", "prompts": {}, **cfg.lora}  # model: validated
         self.opts = opts
         self.pipe = load_pipeline(opts["model"], device=device)
         lora_mod.add_lora(self.pipe, rank=int(opts["rank"]), alpha=float(opts["alpha"]))

@@ -1,9 +1,10 @@
 """Ray Train plumbing shared by ``train``, ``sweep`` and ``train-synth``: the per-worker loop, the checkpoint
 format, the TorchTrainer, running it with readable progress and errors, and choosing the checkpoint.
 
-Checkpoints (one per epoch, ``<runs>/<name>/checkpoint_*``): ``model.safetensors`` (weights), ``optimizer.pt``
-(optimizer/scheduler state, read with ``weights_only=True``), ``state.json`` (epoch, best value of the selection
-metric, model fingerprint, per-epoch history). Re-running with the same name and storage resumes (Train V2).
+Checkpoints (one per epoch, ``<runs>/<name>/checkpoint_*``): ``model.safetensors`` (weights),
+``optimizer.safetensors`` + ``optimizer.json`` (optimizer and LR-schedule state: tensors and the JSON-able rest; no
+pickle), ``state.json`` (epoch, best value of the selection metric, model fingerprint, per-epoch history).
+Re-running with the same name and storage resumes (Train V2).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from components.models import registry
 log = logging.getLogger("defectflow.train")
 
 CKPT_WEIGHTS = "model.safetensors"
-CKPT_OPTIM = "optimizer.pt"
+CKPT_OPTIM = "optimizer.safetensors"
+CKPT_OPTIM_META = "optimizer.json"
 CKPT_STATE = "state.json"
 
 
@@ -47,22 +49,32 @@ def write_state(directory: str, state: dict[str, Any]) -> None:
 
 
 def save_optimizer(directory: str, opt: Any, sched: Any = None) -> None:
-    import torch
+    from safetensors.torch import save_file
 
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None},
-               os.path.join(directory, CKPT_OPTIM))
+    from components.training import optimizer_state
 
-
-def read_optimizer(directory: str) -> dict[str, Any]:
-    import torch
-
-    return torch.load(os.path.join(directory, CKPT_OPTIM), map_location="cpu", weights_only=True)
+    tensors, meta = optimizer_state(opt, sched)
+    save_file(tensors, os.path.join(directory, CKPT_OPTIM))
+    with open(os.path.join(directory, CKPT_OPTIM_META), "w", encoding="utf-8") as f:
+        json.dump(meta, f)
 
 
-def restore_optimizer(state: dict[str, Any], opt: Any, sched: Any = None) -> None:
-    opt.load_state_dict(state["optimizer"])
-    if sched is not None and state.get("scheduler"):
-        sched.load_state_dict(state["scheduler"])
+def read_optimizer(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    with open(os.path.join(directory, CKPT_OPTIM_META), encoding="utf-8") as f:
+        return _tensors(directory, CKPT_OPTIM), json.load(f)
+
+
+def _tensors(directory: str, name: str) -> dict[str, Any]:
+    from components.artifact import read_state_dict
+
+    return read_state_dict(os.path.join(directory, name), "the run's checkpoint is damaged: delete that "
+                                                          "checkpoint_* folder (the run resumes from the one before)")
+
+
+def restore_optimizer(state: tuple[dict[str, Any], dict[str, Any]], opt: Any, sched: Any = None) -> None:
+    from components.training import restore_optimizer_state
+
+    restore_optimizer_state(opt, sched, *state)
 
 
 def load_optimizer(directory: str, opt: Any, sched: Any = None) -> None:
@@ -97,11 +109,9 @@ def resume_epoch(run_uri: str) -> int | None:
 
 def checkpoint_to_detector(checkpoint: Any, cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
     """Rebuild the detector (CPU, eval mode) from a Train checkpoint; returns it with the checkpoint's state."""
-    from safetensors.torch import load_file
-
     detector = create_detector(cfg.model_dump(mode="json"))
     with checkpoint.as_directory() as d:
-        detector.load_state_dict(load_file(os.path.join(d, CKPT_WEIGHTS)))
+        detector.load_state_dict(_tensors(d, CKPT_WEIGHTS))
         state = read_state(d)
     return detector.eval(), state
 
@@ -116,7 +126,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
     import torch
     from ray.train import Checkpoint
     from ray.train.torch import get_device, prepare_model
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from components.data.loading import to_batch
     from components.training import (
@@ -143,7 +153,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
             if state.get("fingerprint") != fingerprint:
                 raise WeightsError(f"run {c['name']!r} has checkpoints of a different model/preprocessing",
                                    "choose a new run name (name: ...) or restore the original model settings")
-            detector.load_state_dict(load_file(os.path.join(d, CKPT_WEIGHTS)))
+            detector.load_state_dict(_tensors(d, CKPT_WEIGHTS))
             optim_state = read_optimizer(d)
         start_epoch, best, history = int(state["epoch"]) + 1, state.get("best"), state.get("history", [])
 
@@ -402,5 +412,7 @@ def user_error(e: BaseException) -> DefectflowError | None:
     for cls in (WeightsError, DataError, ConfigError):
         marker = f"{cls.__name__}: "
         if marker in text:
-            return cls(text.split(marker, 1)[1].strip().splitlines()[0])
+            lines = [line.strip() for line in text.split(marker, 1)[1].strip().splitlines()]
+            hint = lines[1].removeprefix("-> ") if len(lines) > 1 and lines[1].startswith("->") else None
+            return cls(lines[0], hint)  # DefectflowError's text is "message\n  -> hint"
     return None

@@ -63,17 +63,22 @@ def _columns(out: list[dict[str, Any]], image_size: tuple[int, int]) -> dict[str
     }
 
 
-def prepare_usable_rows(rows: Sequence[Mapping[str, Any]], image_size: tuple[int, int],
-                        max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
-    """:func:`prepare_rows` of the rows that decode; a row whose image or mask cannot be read is logged and left
-    out, so one bad file never costs a training run."""
-    usable = []
+def prepare_rows_checked(rows: Sequence[Mapping[str, Any]], image_size: tuple[int, int],
+                         max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+    """:func:`prepare_rows` plus a boolean ``ok`` column: a row whose image or mask cannot be read is logged and
+    kept as an all-zero placeholder with ``ok`` False, for the caller to filter out. One bad file never costs a
+    training run, and a batch never comes out empty (Ray Data cannot type a zero-row tensor column)."""
+    out, ok = [], []
     for r in rows:
         try:
-            usable.append(prepare_row(r, image_size, max_pixels))
+            out.append(prepare_row(r, image_size, max_pixels))
+            ok.append(True)
         except DataError as e:
             log.warning("skipping %s: %s", r.get("sample_id"), e.message)
-    return _columns(usable, image_size)
+            out.append({"sample_id": r["sample_id"], "image": np.zeros((3, *image_size), np.uint8),
+                        "mask": np.zeros((1, *image_size), np.uint8), "label": np.float32(-1), "has_mask": False})
+            ok.append(False)
+    return {**_columns(out, image_size), "ok": np.array(ok, bool)}
 
 
 def to_batch(arrays: Mapping[str, Any], device: Any = "cpu", generator: Any = None, hflip: bool = False,

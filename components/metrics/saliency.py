@@ -207,7 +207,7 @@ def _s_region(p: np.ndarray, g: np.ndarray) -> float:
     return score
 
 
-def s_measure(pred: np.ndarray, gt: np.ndarray, alpha: float = 0.5) -> float:
+def s_measure(pred: np.ndarray, gt: np.ndarray, alpha: float = 0.5, quantize: bool = False) -> float:
     """Structure measure S_α (Fan, Cheng, Liu, Li, Borji, "Structure-measure", ICCV 2017).
 
     Pixel-wise scores ignore shape; S_α blends an object-aware term (foreground/background contrast and uniformity)
@@ -220,10 +220,13 @@ def s_measure(pred: np.ndarray, gt: np.ndarray, alpha: float = 0.5) -> float:
 
     Beware a cliff in the region term (there and in PySODMetrics): a quadrant with no defect pixel scores 1 only
     if the map is *exactly* constant there, else 0, so a map with a 1e-6 background loses up to half that
-    quadrant's weight which the same map saved as an 8-bit PNG keeps. Evaluation therefore scores the 8-bit map
-    (:func:`components.metrics.aggregate.image_stats`), as every reference reads maps.
+    quadrant's weight which the same map saved as an 8-bit PNG keeps. ``quantize`` scores the map on the 8-bit
+    grid a PNG holds (evaluation does, :func:`components.metrics.aggregate.image_stats`, as every reference
+    implementation reads maps from PNGs).
     """
     p, g = _inputs(pred, gt)
+    if quantize:
+        p = np.floor(p * 255.0 + 0.5) / 255.0
     y = float(g.mean())
     if y == 0.0:
         return 1.0 - float(p.mean())

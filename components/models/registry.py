@@ -43,6 +43,8 @@ _FAMILIES: dict[str, Family] = {}
 
 
 def register(family: Family) -> Family:
+    if family.name in _FAMILIES and _FAMILIES[family.name] is not family:
+        raise ValueError(f"model family {family.name!r} is already registered")
     _FAMILIES[family.name] = family
     return family
 

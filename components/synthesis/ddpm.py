@@ -37,10 +37,10 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
-from tqdm.auto import tqdm
 
 from components import storage
 from components.errors import DataError, StorageError, WeightsError
+from components.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def fit(model: InpaintDDPM, crops: torch.Tensor, masks: torch.Tensor, *, steps: 
     model.train()
     order = torch.randperm(n, generator=gen)
     pos = 0
-    for _ in tqdm(range(steps), desc="ddpm training", unit="step", leave=False, disable=not progress):
+    for _ in bar(range(steps), total=steps, desc="ddpm training", unit="step", min_total=1, enabled=progress):
         if pos + min(batch_size, n) > n:
             order, pos = torch.randperm(n, generator=gen), 0
         idx = order[pos:pos + batch_size]
@@ -346,7 +346,7 @@ def sample(model: InpaintDDPM, images: torch.Tensor, masks: torch.Tensor, *, ste
             sched.set_timesteps(steps, jump_length, jump_n_sample, param.device)
             keep = 1 - m  # RePaint's convention: 1 = known
             t_last = sched.timesteps[0] + 1
-            for t in tqdm(sched.timesteps, desc="repaint", leave=False, disable=not progress):
+            for t in bar(sched.timesteps, total=len(sched.timesteps), desc="repaint", min_total=1, enabled=progress):
                 if t < t_last:
                     out = model(x, t, cond, m)
                     x = sched.step(out, t, x, known, keep, _gen_arg(generator)).prev_sample
@@ -355,7 +355,7 @@ def sample(model: InpaintDDPM, images: torch.Tensor, masks: torch.Tensor, *, ste
                 t_last = t
         else:
             sched.set_timesteps(steps, device=param.device)
-            for t in tqdm(sched.timesteps, desc=scheduler, leave=False, disable=not progress):
+            for t in bar(sched.timesteps, total=len(sched.timesteps), desc=scheduler, min_total=1, enabled=progress):
                 noised_known = sched.add_noise(known, _randn(known.shape, generator, known), t.reshape(1))
                 x = m * x + (1 - m) * noised_known
                 out = model(x, t, cond, m)

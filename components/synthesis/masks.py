@@ -508,7 +508,11 @@ def real_mask_pool(table: Any, classes: Iterable[str] | None = None, max_masks: 
         recs = recs[:max_masks]
     pool = []
     for rec in recs:
-        mask = manifest.load_mask(rec)
+        try:
+            mask = manifest.load_mask(rec)
+        except DataError as e:  # one unreadable mask costs its entry in the pool, not the job
+            log.warning("real mask pool: %s skipped: %s", rec["sample_id"], e.message)
+            continue
         if mask is None or not mask.any():
             log.debug("real mask pool: %s has an empty mask, skipped", rec["sample_id"])
             continue

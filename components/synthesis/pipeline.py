@@ -24,6 +24,9 @@ from components.errors import DataError
 log = logging.getLogger(__name__)
 
 STATUS_DIR = "_shards"
+# What a seed draws: a set made by another version is not resumed with this one. 2: one Perlin implementation
+# (components/noise.py) for masks and SuperSimpleNet's feature noise.
+VERSION = 2
 
 
 def plan_requests(normal_ids: list[str], classes: list[str], start: int, n: int, seed: int) -> list[dict[str, Any]]:
@@ -49,7 +52,7 @@ class Synthesizer:
         self.out = out_uri
         table = sources(self.cfg)
         self.rows = {r["sample_id"]: r for r in table.to_pylist()}
-        self.empty_refs: set[str] = set()
+        self.unusable_refs: set[str] = set()
         self.defects = [r for r in self.rows.values() if r.get("label") == 1
                         and (r.get("mask_uri") or r.get("mask_bytes"))]
         pool = real_mask_pool(table, seed=self.cfg.seed)
@@ -65,31 +68,53 @@ class Synthesizer:
             for r in self.defects:
                 if len(examples) >= k:
                     break
-                img = self._image(r)
-                mask = _fit_mask(manifest.load_mask(r), img.shape[:2])
-                if mask.any():  # a defect too small to survive the resize is no example of a defect region
-                    examples.append((img, mask))
-            normals = [self._image(self.rows[i]) for i in normal_ids(table)[:k]]
+                example = self._defect(r)
+                if example is not None:
+                    examples.append(example)
+            normals = [img for img in (self._readable(self.rows[i]) for i in normal_ids(table)[: 2 * k])
+                       if img is not None][:k]
         self.chain = build_chain(self.cfg.filters, defect_examples=examples, normal_images=normals)
 
     def _image(self, rec: dict[str, Any]) -> np.ndarray:
         img = manifest.load_image(rec)
         return resize_image(img, tuple(self.cfg.image_size)) if self.cfg.image_size else img
 
+    def _readable(self, rec: dict[str, Any]) -> np.ndarray | None:
+        """The source image, or None (logged) when it cannot be decoded: one bad file costs its use, not the job."""
+        try:
+            return self._image(rec)
+        except DataError as e:
+            log.warning("skipping %s: %s", rec["sample_id"], e.message)
+            return None
+
+    def _defect(self, rec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+        """A real defect (image, mask at the working size), or None when it is unusable: unreadable, or its mask
+        empty at that size (a few pixels lost to the resize, or an empty ground truth)."""
+        img = self._readable(rec)
+        if img is None:
+            return None
+        try:
+            mask = _fit_mask(manifest.load_mask(rec), img.shape[:2])
+        except DataError as e:
+            log.warning("skipping %s: %s", rec["sample_id"], e.message)
+            return None
+        if not mask.any():
+            log.warning("real defect %s has an empty mask at %s; skipped", rec["sample_id"], img.shape[:2])
+            return None
+        return img, mask
+
     def _reference(self, rng: np.random.Generator) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
-        """A random real defect (image, mask at the working size, id); defects whose mask is empty at that size
-        (a few pixels lost to the resize, or an empty ground truth) are skipped and remembered."""
+        """A random usable real defect (image, mask at the working size, id) for cut-paste; unusable ones are
+        remembered and not drawn again."""
         for _ in range(20):
-            usable = [r for r in self.defects if r["sample_id"] not in self.empty_refs]
+            usable = [r for r in self.defects if r["sample_id"] not in self.unusable_refs]
             if not usable:
                 break
             rec = usable[int(rng.integers(len(usable)))]
-            img = self._image(rec)
-            mask = _fit_mask(manifest.load_mask(rec), img.shape[:2])
-            if mask.any():
-                return img, mask, rec["sample_id"]
-            log.warning("cut-paste reference %s has an empty mask at %s; skipped", rec["sample_id"], img.shape[:2])
-            self.empty_refs.add(rec["sample_id"])
+            found = self._defect(rec)
+            if found is not None:
+                return found[0], found[1], rec["sample_id"]
+            self.unusable_refs.add(rec["sample_id"])
         return None, None, None
 
     def _generate(self, reqs: list[Any], metas: list[dict[str, Any]],

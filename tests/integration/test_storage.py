@@ -41,6 +41,15 @@ def test_overwrite_is_atomic_and_leaves_no_temp_files(root):
     assert not [n for n in names if n.startswith(".tmp-")]
 
 
+def test_local_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through a private temp file; the result must be as readable as any other new file."""
+    uri = str(tmp_path / "shared.json")
+    storage.write_json(uri, {"v": 1})
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert os.stat(uri).st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_failed_local_write_keeps_old_content(tmp_path):
     uri = str(tmp_path / "keep.txt")
     storage.write_text(uri, "old")

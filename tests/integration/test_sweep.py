@@ -47,7 +47,10 @@ def _check(res, root):
     det, meta = artifact.load(res.registered_uri)
     assert meta["lineage"]["sweep"] == res.name
     assert meta["lineage"]["trial_params"]["model.params.n"] == res.best["params"]["model.params.n"]
-    assert det.net is not None and "test_iou" in meta["metrics"]
+    assert det.net is not None and 0.0 <= meta["metrics"]["test_iou"] <= 1.0
+    # released like any run: calibrated, with its lineage, and the best trial's test report beside the sweep's
+    assert meta["lineage"]["manifest_digest"].startswith("sha256:") and meta["threshold_info"]["rule"]
+    assert storage.read_json(storage.join(res.report_uri, "best", "metrics.json"))["split"] == "test"
     assert res.registered_uri.startswith(storage.join(root, "models", "gmbinet"))
 
 

@@ -80,3 +80,14 @@ def test_gaussian_blur_preserves_mass_and_shape():
     x[0, 0, 16, 16] = 1.0
     y = gaussian_blur(x, 2.0)
     assert y.shape == x.shape and abs(float(y.sum()) - 1.0) < 1e-4 and float(y.max()) < 0.1
+
+
+def test_publish_replaces_an_artifact_whole(tmp_path):
+    """A resumed run publishes over its earlier artifact: the old detector.json goes first (no reader ever pairs
+    new weights with it), and nothing of the old artifact (a metrics.json) survives."""
+    first = artifact.save(_det(), str(tmp_path / "stage1"), threshold=0.3, metrics={"test_iou": 0.1})
+    dst = artifact.publish(first, str(tmp_path / "artifact"))
+    assert not (tmp_path / "stage1").exists() and artifact.read_meta(dst)["threshold"] == 0.3
+    second = artifact.save(_det(), str(tmp_path / "stage2"), threshold=0.7)
+    artifact.publish(second, dst)
+    assert artifact.read_meta(dst)["threshold"] == 0.7 and not (tmp_path / "artifact" / "metrics.json").exists()

@@ -245,10 +245,12 @@ def test_artifact_round_trip(tmp_path):
 
 def test_onnx_export_matches_eager(tmp_path):
     det = _detector_with_trained_statistics()
-    path = gm_profile.onnx_export(det, tmp_path / "gmbinet.onnx", (64, 64))
-    session = gm_profile.onnx_session(path, threads=1)
+    from components.export import export_onnx, onnx_run, onnx_session
+
+    path = export_onnx(det, str(tmp_path / "gmbinet.onnx"), (64, 64)).uri
+    session = onnx_session(path, threads=1)
     x = torch.rand(1, 3, 64, 64)
-    score, amap = gm_profile.onnx_run(session, x)
+    score, amap = onnx_run(session, x)
     with torch.no_grad():
         ref = det(x)
     assert amap.shape == (1, 1, 64, 64) and score.shape == (1,)

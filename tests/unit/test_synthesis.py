@@ -525,6 +525,8 @@ def test_unusable_cutpaste_references_are_skipped_or_rejected_never_fatal(tmp_pa
             "filters": []}, "synth config")
         return pipeline.Synthesizer(cfg, str(tmp_path / name))
 
+    broken = next(r for r in defects if r["sample_id"] != keep)
+    broken["image_bytes"], broken["image_uri"] = b"not an image", None  # unreadable: skipped like an empty one
     w = worker(recs, "one-usable")
     ids = pipeline.normal_ids(pipeline.sources(w.cfg))
     status = w.write_shard("part-0", pipeline.plan_requests(ids, ["defect"], 0, 6, 0))

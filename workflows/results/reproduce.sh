@@ -15,13 +15,16 @@ DATA=../shared/datasets
 ROOT=./defectflow-data
 RESULTS=workflows/results
 
-run() { echo "+ $*" | tee -a "$OUT/commands.txt"; "$@"; }
+run() {  # the command line to commands.txt, what the command prints (its result) to output.txt
+  echo "+ $*" | tee -a "$OUT/commands.txt"
+  "$@" | tee -a "$OUT/output.txt"
+}
 begin() {
   OUT="$RESULTS/$1"; rm -rf "$OUT"; mkdir -p "$OUT"
   { date -u +"%Y-%m-%dT%H:%M:%SZ"; uname -m; nproc; "$PWD/.venv/bin/python" -c \
     'import torch, ray; print("torch", torch.__version__, "ray", ray.__version__)'; git rev-parse --short HEAD; } \
     > "$OUT/machine.txt"
-  : > "$OUT/commands.txt"
+  : > "$OUT/commands.txt"; : > "$OUT/output.txt"
   SECONDS=0
 }
 end() { echo "$SECONDS" > "$OUT/seconds.txt"; echo "== $1 done in $SECONDS s -> $OUT"; }
@@ -34,6 +37,9 @@ keep_report() {  # <report name> <dest name>: metrics, history and the run's cur
 }
 fresh() {  # <run/set name>...: start from scratch (a run of the same name would resume, a set would be reused)
   for n in "$@"; do rm -rf "$ROOT/runs/$n" "$ROOT/reports/$n" "$ROOT/synthetic/$n" "$ROOT/models/$n"; done
+}
+sheet() {  # <contact_sheet.png> <dest.jpg>: a JPEG keeps the repository small
+  "$PWD/.venv/bin/python" -c 'import sys; from PIL import Image; Image.open(sys.argv[1]).convert("RGB").save(sys.argv[2], quality=85)' "$1" "$2"
 }
 ingest_mt() { run "$DF" ingest --dataset magnetic_tile --root "$DATA/magnetic_tile" \
   --out "$ROOT/datasets/magnetic_tile/manifest.parquet"; }
@@ -85,7 +91,7 @@ mt_synth() {
   ingest_mt
   run "$DF" synthesize --config workflows/configs/synth_magnetic_tile.yaml --set name=mt-cutpaste-results
   cp "$ROOT/synthetic/mt-cutpaste-results/_report.json" "$OUT/"
-  cp "$ROOT/synthetic/mt-cutpaste-results/contact_sheet.png" "$OUT/"
+  sheet "$ROOT/synthetic/mt-cutpaste-results/contact_sheet.png" "$OUT/contact_sheet.jpg"
   end mt-synth
 }
 
@@ -96,7 +102,8 @@ procedural_ddpm() {
     --out "$ROOT/datasets/procedural/manifest.parquet"
   run "$DF" train-synth --config workflows/configs/ddpm_procedural.yaml
   run "$DF" synthesize --config workflows/configs/synth_procedural_ddpm.yaml
-  cp "$ROOT/synthetic/procedural-ddpm/_report.json" "$ROOT/synthetic/procedural-ddpm/contact_sheet.png" "$OUT/"
+  cp "$ROOT/synthetic/procedural-ddpm/_report.json" "$OUT/"
+  sheet "$ROOT/synthetic/procedural-ddpm/contact_sheet.png" "$OUT/contact_sheet.jpg"
   end procedural-ddpm
 }
 
@@ -124,6 +131,7 @@ demo() {
   begin demo
   run "$DF" demo --out ./defectflow-demo
   cp ./defectflow-demo/reports/demo.json "$OUT/"
+  cp ./defectflow-demo/reports/gmbinet-procedural/metrics.json "$OUT/train_metrics.json"
   end demo
 }
 

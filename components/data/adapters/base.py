@@ -104,11 +104,7 @@ def parallel_map(fn: Callable[[Any], T], items: Sequence[Any], desc: str) -> lis
         return [fn(x) for x in items]
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
         it = pool.map(fn, items)
-        return list(progress(it, total=len(items), desc=desc, unit="file"))
-
-
-def progress(it: Iterable[T], total: int, desc: str, unit: str) -> Iterable[T]:
-    return bar(it, total=total, desc=desc, unit=unit)
+        return list(bar(it, total=len(items), desc=desc, unit="file"))
 
 
 class Unreadable(NamedTuple):

@@ -14,9 +14,10 @@ from pydantic import Field, field_validator
 
 from components.data import manifest
 from components.data import procedural as gen
-from components.data.adapters.base import Adapter, AdapterOptions, progress, register
+from components.data.adapters.base import Adapter, AdapterOptions, register
 from components.data.images import DEFAULT_MAX_PIXELS, encode_mask_png, encode_png
 from components.errors import DataError
+from components.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class ProceduralAdapter(Adapter):
                             "lower the size or raise max_image_pixels")
         log.info("generating %d procedural images of %dx%d (seed %d)", options.count, w, h, options.seed)
         rows = []
-        samples = progress(gen.iter_samples(options.count, options.size, options.defect_fraction, options.seed,
+        samples = bar(gen.iter_samples(options.count, options.size, options.defect_fraction, options.seed,
                                             options.textures, options.defects),
                            total=options.count, desc="generating images", unit="img")
         for i, smp in enumerate(samples):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from components.models.registry import Family, register
-from components.models.supersimplenet.anomaly import AnomalyGenerator, SyntheticBatch, perlin_mask, perlin_noise
+from components.models.supersimplenet.anomaly import AnomalyGenerator, SyntheticBatch, perlin_mask
 from components.models.supersimplenet.detector import (
     SuperSimpleNetDetector,
     SuperSimpleNetParams,
@@ -31,7 +31,6 @@ __all__ = [
     "SuperSimpleNetParams",
     "SyntheticBatch",
     "perlin_mask",
-    "perlin_noise",
 ]
 
 

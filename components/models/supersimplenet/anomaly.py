@@ -28,12 +28,6 @@ def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def perlin_noise(shape: tuple[int, int], scale: tuple[int, int], generator: torch.Generator | None = None,
-                 device: torch.device | str | None = None) -> torch.Tensor:
-    """2D Perlin noise of ``shape`` with ``scale`` = (rows, cols) lattice cells, as the authors' ``rand_perlin_2d``."""
-    return perlin_grid(shape, scale, generator=generator, device=device)
-
-
 def perlin_mask(height: int, width: int, threshold: float, generator: torch.Generator | None = None,
                 device: torch.device | str | None = None) -> torch.Tensor:
     """One binary Perlin mask (height, width) as float {0, 1}.
@@ -49,7 +43,7 @@ def perlin_mask(height: int, width: int, threshold: float, generator: torch.Gene
     lo, hi = PERLIN_SCALE_EXPONENTS
     exps = torch.randint(lo, hi, (2,), generator=generator, device=device).tolist()
     scale = (min(2 ** exps[0], max(1, ph // 2)), min(2 ** exps[1], max(1, pw // 2)))
-    noise = perlin_noise((ph, pw), scale, generator=generator, device=device)
+    noise = perlin_grid((ph, pw), scale, generator=generator, device=device)  # the authors' rand_perlin_2d
     if (ph, pw) != (height, width):
         noise = F.interpolate(noise.view(1, 1, ph, pw), size=(height, width), mode="bilinear",
                               align_corners=False).view(height, width)

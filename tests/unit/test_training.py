@@ -1,0 +1,79 @@
+"""The torch side of training (components/training.py): resuming the optimizer from a checkpoint that is no
+pickle continues exactly where it stopped, and validation metrics are the evaluation definitions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from components.metrics.image import roc_auc
+from components.metrics.sample import confusion, iou_from_counts, pooled_iou
+from components.models.base import Batch
+from components.training import (
+    ValidationMeter,
+    make_optimizer,
+    make_scheduler,
+    optimizer_state,
+    restore_optimizer_state,
+)
+
+
+@pytest.mark.parametrize(("kind", "schedule"), [("adam", "cosine"), ("adamw", "multistep"), ("sgd", "none")])
+def test_a_resumed_optimizer_continues_exactly(tmp_path, kind, schedule):
+    optim = {"optimizer": kind, "lr": 0.1, "weight_decay": 0.01, "lr_schedule": schedule, "epochs": 10,
+             "milestones": [0.5, 0.8], "gamma": 0.4}
+
+    def build(model):
+        opt = make_optimizer([{"params": list(model.parameters()), "lr": 0.1, "weight_decay": 0.01}], optim)
+        return opt, make_scheduler(opt, optim)
+
+    def steps(model, opt, sched, n, seed):
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(n):
+            model(torch.rand(8, 4, generator=gen)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+            if sched is not None:
+                sched.step()
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt, sched = build(model)
+    steps(model, opt, sched, 3, seed=1)
+    tensors, meta = optimizer_state(opt, sched)
+    save_file(tensors, str(tmp_path / "opt.safetensors"))  # what a checkpoint holds: safetensors + JSON
+    (tmp_path / "opt.json").write_text(json.dumps(meta))
+    resumed = torch.nn.Linear(4, 2)
+    resumed.load_state_dict(model.state_dict())
+    opt2, sched2 = build(resumed)
+    restore_optimizer_state(opt2, sched2, load_file(str(tmp_path / "opt.safetensors")),
+                            json.loads((tmp_path / "opt.json").read_text()))
+    steps(model, opt, sched, 4, seed=2)
+    steps(resumed, opt2, sched2, 4, seed=2)
+    assert torch.equal(model.weight, resumed.weight) and torch.equal(model.bias, resumed.bias)
+    assert opt.param_groups[0]["lr"] == opt2.param_groups[0]["lr"]
+
+
+def test_validation_meter_uses_the_evaluation_definitions():
+    rng = np.random.default_rng(0)
+    maps = torch.from_numpy(rng.random((5, 1, 8, 8)).astype(np.float32))
+    masks = torch.zeros(5, 1, 8, 8)
+    masks[0, 0, 2:5, 2:5] = 1
+    masks[1, 0, 0:2, :] = 1
+    has = torch.tensor([True, True, True, False, True])
+    labels = torch.tensor([1.0, 1.0, 0.0, 1.0, -1.0])
+    scores = torch.tensor([0.9, 0.4, 0.3, 0.8, 0.5])
+    meter = ValidationMeter(threshold=0.5)
+    meter.add(torch.tensor(2.0), scores[:3], maps[:3], Batch(torch.zeros(3, 3, 8, 8), masks[:3], labels[:3], has[:3]))
+    meter.add(torch.tensor(4.0), scores[3:], maps[3:], Batch(torch.zeros(2, 3, 8, 8), masks[3:], labels[3:], has[3:]))
+    m = meter.metrics()
+    counts = [confusion(maps[i, 0].numpy() >= 0.5, masks[i, 0].numpy())[:3] for i in (0, 1, 2, 4)]
+    assert m["val_images"] == 5 and m["val_loss"] == 3.0
+    assert m["val_iou"] == pytest.approx(np.mean([iou_from_counts(*c) for c in counts]))
+    assert m["val_iou_pooled"] == pytest.approx(pooled_iou(counts))
+    assert m["val_mae"] == pytest.approx(np.mean([float((maps[i] - masks[i]).abs().mean()) for i in (0, 1, 2, 4)]))
+    assert m["val_image_auroc"] == pytest.approx(roc_auc([1, 1, 0, 1], [0.9, 0.4, 0.3, 0.8]))  # -1: unknown
