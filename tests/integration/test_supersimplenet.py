@@ -35,7 +35,7 @@ def ssn_config(root: str, man: str, name: str, regime: str, epochs: int, **over)
             "loss": {"perlin_threshold": 0.2} if regime in ("unsupervised", "weak") else SUPERVISED_LOSS,
             "eval": {"sheet_images": 2}}
     if regime == "mixed":
-        base["data"]["mixed_masks"] = 6
+        base["data"]["mixed_masks"] = 12  # of 48 defective training images; 6 left pixel AUROC at 0.54-0.66
     return train_config(root, man, name=name, **deep_merge(base, over))
 
 
@@ -68,7 +68,7 @@ def test_regime_learns(ray_session, data, request, regime, epochs, floor):
     meta = artifact.read_meta(res.registered_uri)
     assert meta["family"] == "supersimplenet" and meta["threshold_info"]["rule"] in ("f1_max", "max_normal")
     assert meta["lineage"]["regime"] == regime
-    # localisation is measured too: with all masks it is clearly learned, with 6 masks better than chance
+    # localisation is measured too: with all masks it is clearly learned, with 12 masks better than chance
     assert 0.0 < m["test_aupro"] <= 1.0 and 0.0 < m["test_image_ap"] <= 1.0
     if regime in ("full", "mixed"):
         assert m["test_pixel_auroc"] > {"full": 0.7, "mixed": 0.55}[regime], m
