@@ -28,7 +28,7 @@ UV_COMPILE  = printf '%s\n' pip $(LOCK_PINS) | $(UV) pip compile --no-config pyp
               --python-version 3.11 --python-platform x86_64-manylinux_2_28 --only-binary :all: \
               --generate-hashes --custom-compile-command 'make lock' --quiet --output-file $(LOCK)
 
-.PHONY: demo test test-fast lint bench install lock lock-upgrade clean
+.PHONY: demo test test-fast lint bench results install lock lock-upgrade clean
 
 # install: create the venv and make it match requirements.lock exactly.
 #   1. pip itself at the locked version;
@@ -79,6 +79,12 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/defectflow bench gmbinet
+
+# results: re-run the experiments behind the README's figures and rewrite workflows/results/<experiment>/ (raw
+# output the tables are built from). `make results` runs all of them (hours on 2 CPU cores); `make results
+# EXP="mt-ssn-regimes sd900"` some; SEEDS="0 1 2" sets the seeds of the seeded tables.
+results: $(STAMP)
+	workflows/results/reproduce.sh $(or $(EXP),all)
 
 clean:
 	rm -rf $(VENV) defectflow-demo .pytest_cache

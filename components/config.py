@@ -184,7 +184,12 @@ class OptimSettings(Strict):
     lr_schedule: Literal["none", "cosine", "multistep"] = "none"
     milestones: list[float] = Field([0.8, 0.9], description="multistep: fractions of the epochs")
     gamma: float = Field(0.4, gt=0, le=1, description="multistep: LR factor at each milestone")
-    grad_clip: float | None = Field(None, gt=0)
+    grad_clip: float | None = Field(None, gt=0, description="clip gradient norms to this value (off: null)")
+    grad_clip_per_group: bool = Field(
+        True, description="clip each optimiser parameter group on its own (SuperSimpleNet: adaptor, segmentation "
+                          "head, classification head), so the segmentation loss's large gradients under full "
+                          "supervision do not scale down the classification head's; false: one global norm over "
+                          "all parameters, as the authors' code")
 
     @field_validator("milestones")
     @classmethod
@@ -201,11 +206,25 @@ class CheckpointSettings(Strict):
                                             "masks; families with an image score: val_image_auroc with both labels; "
                                             "else val_loss) or any reported metric, e.g. val_iou")
     mode: Literal["min", "max"] = Field("max", description="for an explicit metric")
+    smoothing: int | Literal["auto"] = Field(
+        "auto", description="choose by the trailing mean of the metric over this many epochs (1 = the epoch's own "
+                            "value); auto: 3 when validation holds fewer than 10 defective images, else 1")
+
+    @field_validator("smoothing")
+    @classmethod
+    def _window(cls, v: int | str) -> int | str:
+        if v != "auto" and int(v) < 1:
+            raise ValueError("smoothing is auto or a number of epochs >= 1")
+        return v
 
 
 class EvalSettings(Strict):
     split: Literal["train", "val", "test"] = "test"
-    threshold: float = Field(0.5, gt=0, lt=1, description="pixel threshold for predicted masks")
+    threshold: float | Literal["auto"] = Field(
+        "auto", description="pixel threshold for predicted masks (map >= threshold): auto = the pooled pixel F1-max "
+                            "threshold on the validation masks, stored in the artifact (0.5 while training and when "
+                            "validation has no defective mask); a number is used as is (GMBINet's paper metrics "
+                            "are at 0.5)")
     decision_threshold: float | Literal["auto"] = Field(
         "auto", description="image decision threshold on the score: auto = F1-max on the validation split "
                             "(fallback without defective validation images: the highest normal score)")
@@ -216,6 +235,17 @@ class EvalSettings(Strict):
     sheet_images: int = Field(8, ge=0, description="test images in the prediction sheet PNG")
     num_actors: int = Field(1, ge=1, description="Ray Data actor pool size for evaluation")
 
+
+    @field_validator("threshold")
+    @classmethod
+    def _open_unit(cls, v: float | str) -> float | str:
+        if v != "auto" and not 0 < float(v) < 1:
+            raise ValueError("the pixel threshold is auto or a number in (0, 1)")
+        return v
+
+    def provisional_threshold(self) -> float:
+        """The pixel threshold before calibration (validation metrics during training): 0.5 for ``auto``."""
+        return 0.5 if self.threshold == "auto" else float(self.threshold)
 
 class OutputSettings(Strict):
     model_name: str | None = Field(None, pattern=NAME_PATTERN, description="registry name (default: the family)")

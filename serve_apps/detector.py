@@ -2,7 +2,8 @@
 
     POST /v1/detect   multipart upload (field "image" or "file") or a raw image body
                       -> {score, is_defect, threshold, defect_map_png (base64 PNG, map x 255 at the input size),
-                          model, latency_ms}
+                          pixel_threshold, defect_pixels, defect_mask_png (base64 PNG, 255 where map >=
+                          pixel_threshold, the artifact's calibrated one), model, latency_ms}
     GET  /healthz     -> {status, model, family}
 
 Errors: 415 when the upload is not an image, 400 when it is damaged/empty, 413 when it exceeds the byte or pixel
@@ -127,7 +128,7 @@ class DetectorService:
 
     def detect_bytes(self, data: bytes) -> dict[str, Any]:
         t0 = time.perf_counter()
-        det, _meta, thr = self._current()
+        det, meta, thr = self._current()
         if len(data) > self.max_upload_bytes:
             raise HTTPException(413, f"upload of {len(data):,} bytes exceeds the limit of {self.max_upload_bytes:,}")
         try:
@@ -140,8 +141,12 @@ class DetectorService:
             raise HTTPException(400, f"unreadable image: {e.message}") from e
         score, prob = infer(det, img, self.device)
         png = encode_png(map_to_png_array(prob))
+        pixel_thr = float(meta.get("pixel_threshold", 0.5))  # calibrated on validation when the model was trained
+        mask = prob >= pixel_thr
         return {"score": score, "is_defect": bool(score >= thr), "threshold": thr,
                 "defect_map_png": base64.b64encode(png).decode("ascii"),
+                "pixel_threshold": pixel_thr, "defect_pixels": int(mask.sum()),
+                "defect_mask_png": base64.b64encode(encode_png(mask.astype(np.uint8) * 255)).decode("ascii"),
                 "width": int(img.shape[1]), "height": int(img.shape[0]),
                 "model": self.model_info(), "latency_ms": round((time.perf_counter() - t0) * 1000.0, 2)}
 

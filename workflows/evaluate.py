@@ -28,7 +28,7 @@ from components.data import manifest
 from components.data.images import DEFAULT_MAX_PIXELS, resize_image, resize_mask
 from components.errors import DataError
 from components.inference import infer, pick_device
-from components.metrics.aggregate import image_stats, summarize
+from components.metrics.aggregate import image_stats, summarize, threshold_warnings
 from workflows import console
 from workflows.command import Command, main
 
@@ -97,6 +97,7 @@ class EvalResult:
     sheet_png: bytes | None = None
     report_uri: str | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)  # images that could not be decoded, with why
+    warnings: list[str] = field(default_factory=list)  # for a person: metrics that say nothing, and why
 
 
 def pick_sheet_ids(table: pa.Table, n: int) -> list[str]:
@@ -114,8 +115,9 @@ def pick_sheet_ids(table: pa.Table, n: int) -> list[str]:
 
 def evaluate(model_uri: str, table: pa.Table, *, split: str = "test", threshold: float | None = None,
              seg_iou_threshold: float = 0.5, batch_size: int = 8, num_actors: int = 1, use_gpu: bool = False,
-             sheet_images: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS) -> EvalResult:
-    """Evaluate an artifact on ``split`` of a manifest table (Ray must be initialised)."""
+             sheet_images: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS, warn: bool = True) -> EvalResult:
+    """Evaluate an artifact on ``split`` of a manifest table (Ray must be initialised). ``warn``: log the
+    result's warnings (calibration, which is about to move the threshold, does not)."""
     import ray.data
 
     model_uri = catalog.resolve_model(model_uri)
@@ -138,7 +140,10 @@ def evaluate(model_uri: str, table: pa.Table, *, split: str = "test", threshold:
         num_cpus=1, num_gpus=1 if use_gpu else 0,
     )
     rows = ds.take_all()
-    return _aggregate(rows, thr, seg_iou_threshold, model_uri, split, decision_threshold=meta.get("threshold"))
+    result = _aggregate(rows, thr, seg_iou_threshold, model_uri, split, decision_threshold=meta.get("threshold"))
+    for w in result.warnings if warn else []:
+        log.warning("%s split: %s", split, w)
+    return result
 
 
 def pixel_threshold(meta: dict[str, Any]) -> float:
@@ -181,6 +186,7 @@ def _aggregate(rows: list[dict[str, Any]], thr: float, seg_iou_threshold: float,
                     "n_skipped": len(skipped)})
     if decision_threshold is not None:
         metrics.update(decision_metrics(labels, scores, decision_threshold))
+    warnings = threshold_warnings(metrics, thr)
     sheet_rows = []
     for r in rows:
         if r.get("thumb"):
@@ -191,47 +197,69 @@ def _aggregate(rows: list[dict[str, Any]], thr: float, seg_iou_threshold: float,
     sheet = report.prediction_sheet(sheet_rows, title=f"{model_uri} · {split}") if sheet_rows else None
     per_image = [{"sample_id": r["sample_id"], "label": lab, "score": s, "iou": st.get("iou")}
                  for r, lab, s, st in zip(rows, labels, scores, stats, strict=True)]
-    return EvalResult(metrics=metrics, per_image=per_image, sheet_png=sheet, skipped=skipped)
+    return EvalResult(metrics=metrics, per_image=per_image, sheet_png=sheet, skipped=skipped, warnings=warnings)
 
 
-def calibrate(model_uri: str, table: pa.Table, setting: float | str = "auto", *, pixel_threshold: float = 0.5,
-              margin: float = 0.0, split: str = "val", batch_size: int = 8, num_actors: int = 1,
-              use_gpu: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
-    """Choose an artifact's image decision threshold and store it (with how it was chosen) in detector.json.
+def calibrate(model_uri: str, table: pa.Table, setting: float | str = "auto", *,
+              pixel_setting: float | str = "auto", margin: float = 0.0, split: str = "val", batch_size: int = 8,
+              num_actors: int = 1, use_gpu: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+    """Choose an artifact's image decision threshold and pixel threshold on ``split`` (one pass over it) and store
+    them, with how they were chosen, in detector.json (``threshold`` + ``threshold_info``, ``pixel_threshold`` +
+    ``pixel_threshold_info``). Returns ``threshold_info`` (with ``pixel`` = ``pixel_threshold_info``).
 
-    ``auto``: the F1-max threshold of the image scores on ``split``; without defective images there, the highest
-    normal score raised by ``margin`` (anomalib's fallback; logged as a warning); without labelled images, the
-    pixel threshold (for map-max scores that is "any pixel above the mask threshold"). A number is stored as is.
+    Image, ``setting`` ``auto``: the F1-max threshold of the image scores on ``split``; without defective images
+    there, the highest normal score raised by ``margin`` (anomalib's fallback; logged as a warning); without
+    labelled images, the pixel threshold (for map-max scores that is "any pixel above the mask threshold").
+    Pixel, ``pixel_setting`` ``auto``: the pooled pixel F1-max threshold over the masks of ``split``
+    (:func:`components.metrics.anomaly.pixel_f1_max`); without a defective mask there, the artifact's current
+    pixel threshold stays (with a warning). A number is stored as is.
     """
     from components.metrics.anomaly import choose_threshold
 
-    if setting != "auto":
-        info: dict[str, Any] = {"rule": "fixed", "warning": None}
-        artifact.update_meta(model_uri, threshold=float(setting), extra={"threshold_info": info})
-        return info
+    meta = artifact.read_meta(model_uri)
+    pixel_thr = float(pixel_setting) if pixel_setting != "auto" else pixel_threshold(meta)
+    pixel_info: dict[str, Any] = {"rule": "fixed", "warning": None}
     sub = table.filter(pc.equal(table["split"], split))
     labelled = [v for v in sub["label"].to_pylist() if v is not None] if sub.num_rows else []
-    if not labelled:
+    res = None
+    if (setting == "auto" and labelled) or (pixel_setting == "auto" and sub.num_rows):
+        res = evaluate(model_uri, table, split=split, threshold=pixel_thr, batch_size=batch_size,
+                       num_actors=num_actors, use_gpu=use_gpu, sheet_images=0, max_pixels=max_pixels, warn=False)
+    if pixel_setting == "auto":
+        m = res.metrics if res is not None else {}
+        if m.get("pixel_f1_max_threshold") is not None:
+            pixel_thr = float(m["pixel_f1_max_threshold"])
+            pixel_info = {"rule": "pixel_f1_max", "f1": m["pixel_f1_max"], "split": split,
+                          "n_defective_masks": m["n_defective_masks"], "warning": None}
+            log.info("pixel threshold %.4f (pooled pixel F1 %.3f on %d defective %s mask(s))", pixel_thr,
+                     m["pixel_f1_max"], m["n_defective_masks"], split)
+        else:
+            pixel_info = {"rule": "kept", "split": split, "warning": f"no defective {split} mask: the pixel "
+                          f"threshold stays {pixel_thr:.4g}"}
+            log.warning("pixel threshold: %s", pixel_info["warning"])
+    if setting != "auto":
+        thr, info = float(setting), {"rule": "fixed", "warning": None}
+    elif not labelled:
+        thr = pixel_thr
         info = {"rule": "pixel_threshold", "warning": f"no labelled {split} images: the decision threshold is the "
                                                       "pixel threshold"}
         log.warning(info["warning"])
-        artifact.update_meta(model_uri, threshold=pixel_threshold, extra={"threshold_info": info})
-        return info
-    res = evaluate(model_uri, table, split=split, threshold=pixel_threshold, batch_size=batch_size,
-                   num_actors=num_actors, use_gpu=use_gpu, sheet_images=0, max_pixels=max_pixels)
-    thr, info = choose_threshold([r["label"] for r in res.per_image], [r["score"] for r in res.per_image],
-                                 margin=margin)
-    if info.get("warning"):
-        log.warning("decision threshold: %s", info["warning"])
-    info["split"] = split
-    log.info("decision threshold %.4f (%s on %d %s images)", thr, info["rule"], len(labelled), split)
-    artifact.update_meta(model_uri, threshold=thr, extra={"threshold_info": info})
-    return info
+    else:
+        thr, info = choose_threshold([r["label"] for r in res.per_image], [r["score"] for r in res.per_image],
+                                     margin=margin)
+        if info.get("warning"):
+            log.warning("decision threshold: %s", info["warning"])
+        info["split"] = split
+        log.info("decision threshold %.4f (%s on %d %s images)", thr, info["rule"], len(labelled), split)
+    artifact.update_meta(model_uri, threshold=thr, extra={"threshold_info": info, "pixel_threshold": pixel_thr,
+                                                          "pixel_threshold_info": pixel_info})
+    return {**info, "pixel": pixel_info}
 
 
 def write_report(result: EvalResult, out_uri: str, title: str = "Evaluation") -> str:
     """metrics.json, per_image.csv, sheet.png and a short Markdown summary below ``out_uri``."""
-    storage.write_json(storage.join(out_uri, "metrics.json"), result.metrics)
+    storage.write_json(storage.join(out_uri, "metrics.json"),
+                       {**result.metrics, "warnings": result.warnings} if result.warnings else result.metrics)
     lines = ["sample_id,label,score,iou"]
     for r in result.per_image:
         iou = "" if r["iou"] is None else f"{r['iou']:.6f}"
@@ -243,6 +271,8 @@ def write_report(result: EvalResult, out_uri: str, title: str = "Evaluation") ->
     if result.skipped:
         storage.write_json(storage.join(out_uri, "skipped.json"), result.skipped)
     md = [f"# {title}\n", report.markdown_table([{"metric": k, "value": v} for k, v in result.metrics.items()])]
+    if result.warnings:
+        md.append("\n## Warnings\n\n" + "\n".join(f"- {w}" for w in result.warnings) + "\n")
     if result.sheet_png:
         md.append("\n![predictions](sheet.png)\n")
     if result.skipped:
@@ -262,8 +292,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="report folder (default <storage.root>/reports/eval-<model name>-<split>)")
     p.add_argument("--threshold", type=float, help="pixel threshold of predicted masks (default: the artifact's)")
     p.add_argument("--calibrate", action="store_true",
-                   help="first choose the decision threshold on the manifest's val split (F1-max, documented "
-                        "fallback) and store it in the artifact")
+                   help="first choose the decision threshold (image F1-max, documented fallback) and the pixel "
+                        "threshold (pooled pixel F1-max; eval.threshold=<number> fixes it) on the manifest's val "
+                        "split and store them in the artifact")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="eval.*, storage.* or ray.* keys, e.g. --set eval.num_actors=2")
 
@@ -284,9 +315,8 @@ def run_cli(args: argparse.Namespace) -> EvalResult:
     table = manifest.read(args.manifest)
     model_uri = catalog.resolve_model(args.model)
     if args.calibrate:
-        calibrate(model_uri, table, "auto", pixel_threshold=pixel_threshold(artifact.read_meta(model_uri)),
-                  margin=cfg.eval.threshold_margin, batch_size=cfg.eval.batch_size, num_actors=cfg.eval.num_actors,
-                  use_gpu=use_gpu)
+        calibrate(model_uri, table, "auto", pixel_setting=cfg.eval.threshold, margin=cfg.eval.threshold_margin,
+                  batch_size=cfg.eval.batch_size, num_actors=cfg.eval.num_actors, use_gpu=use_gpu)
     result = evaluate(model_uri, table, split=args.split, threshold=args.threshold,
                       seg_iou_threshold=cfg.eval.seg_iou_threshold, batch_size=cfg.eval.batch_size,
                       num_actors=cfg.eval.num_actors, sheet_images=cfg.eval.sheet_images, use_gpu=use_gpu)

@@ -2,9 +2,11 @@
 
     defectflow predict --model ./defectflow-data/models/gmbinet --input ./images --out ./predictions
 
-Writes one ``<stem>.png`` defect map per image (8-bit, map x 255, at the input image's size) and ``scores.csv``
-(stem, score, is_defect, error). Small inputs run in-process; large ones (more than ``--ray-threshold`` images) run
-on a Ray Data actor pool, each actor loading the artifact once and writing its maps directly to the output.
+Writes one ``<stem>.png`` defect map per image (8-bit, map x 255, at the input image's size), its defect mask
+``masks/<stem>.png`` (255 where map >= the artifact's calibrated ``pixel_threshold``) and ``scores.csv`` (stem, score,
+is_defect at the artifact's decision ``threshold``, defect_pixels of the mask, error). Small inputs run in-process;
+large ones (more than ``--ray-threshold`` images) run on a Ray Data actor pool, each actor loading the artifact once
+and writing its maps directly to the output.
 An unreadable image does not stop the batch: its row in scores.csv carries the error and the command exits non-zero.
 """
 
@@ -18,6 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from pydantic import Field
 
 from components import artifact, catalog, storage
@@ -31,6 +34,8 @@ from workflows import console
 from workflows.command import Command, main
 
 log = logging.getLogger("defectflow.predict")
+
+MASKS = "masks"  # sub-folder of the output with the binary defect masks
 
 
 def list_inputs(input_uri: str) -> list[tuple[str, str]]:
@@ -65,11 +70,13 @@ class MapWriter:
 
     def __init__(self, model_uri: str, out_uri: str, threshold: float | None = None,
                  storage_settings: dict[str, Any] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 use_gpu: bool = False):
+                 use_gpu: bool = False, pixel_threshold: float | None = None):
         storage.configure(**(storage_settings or {}))
         self.device = pick_device(use_gpu)
         self.detector, meta = artifact.load(model_uri, device=self.device)
         self.threshold = float(threshold if threshold is not None else meta.get("threshold", 0.5))
+        self.pixel_threshold = float(pixel_threshold if pixel_threshold is not None
+                                     else meta.get("pixel_threshold", 0.5))
         self.out_uri = out_uri
         self.max_pixels = max_pixels
 
@@ -77,17 +84,22 @@ class MapWriter:
         try:
             img = decode_image(storage.read_bytes(uri), name=uri, max_pixels=self.max_pixels)
             score, prob = infer(self.detector, img, self.device)
+            mask = prob >= self.pixel_threshold
             storage.write_bytes(storage.join(self.out_uri, f"{stem}.png"), encode_png(map_to_png_array(prob)))
-            return {"stem": stem, "score": score, "is_defect": bool(score >= self.threshold), "error": ""}
+            storage.write_bytes(storage.join(self.out_uri, MASKS, f"{stem}.png"),
+                                encode_png(mask.astype(np.uint8) * 255))
+            return {"stem": stem, "score": score, "is_defect": bool(score >= self.threshold),
+                    "defect_pixels": int(mask.sum()), "error": ""}
         except DefectflowError as e:
             log.warning("skipping %s: %s", uri, e.message)
-            return {"stem": stem, "score": None, "is_defect": None, "error": e.message}
+            return {"stem": stem, "score": None, "is_defect": None, "defect_pixels": None, "error": e.message}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         rows = [self.predict_one(u, s) for u, s in zip(batch["uri"], batch["stem"], strict=True)]
         return {"stem": [r["stem"] for r in rows],
                 "score": [float("nan") if r["score"] is None else r["score"] for r in rows],
                 "is_defect": [r["is_defect"] is True for r in rows],
+                "defect_pixels": [-1 if r["defect_pixels"] is None else r["defect_pixels"] for r in rows],
                 "error": [r["error"] for r in rows]}
 
 
@@ -101,7 +113,8 @@ class PredictResult:
     used_ray: bool
 
 
-def run(model: str, input_uri: str, out_uri: str, *, threshold: float | None = None, ray_threshold: int = 64,
+def run(model: str, input_uri: str, out_uri: str, *, threshold: float | None = None,
+        pixel_threshold: float | None = None, ray_threshold: int = 64,
         num_actors: int = 1, batch_size: int = 8, use_gpu: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS, ray_cfg: RayConfig | None = None,
         storage_cfg: StorageConfig | None = None) -> PredictResult:
@@ -125,6 +138,7 @@ def run(model: str, input_uri: str, out_uri: str, *, threshold: float | None = N
         ds = ray.data.from_items([{"uri": u, "stem": st} for u, st in items])
         ds = ds.map_batches(MapWriter, fn_constructor_kwargs={
             "model_uri": model_uri, "out_uri": out_uri, "threshold": threshold, "storage_settings": env,
+            "pixel_threshold": pixel_threshold,
             "max_pixels": max_pixels, "use_gpu": use_gpu},
             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_actors),
             num_cpus=1, num_gpus=1 if use_gpu else 0)
@@ -132,18 +146,20 @@ def run(model: str, input_uri: str, out_uri: str, *, threshold: float | None = N
         for r in ds.take_all():
             score = None if r["score"] != r["score"] else float(r["score"])
             rows.append({"stem": r["stem"], "score": score, "is_defect": r["is_defect"] if score is not None else None,
+                         "defect_pixels": int(r["defect_pixels"]) if score is not None else None,
                          "error": r["error"]})
     else:
-        writer = MapWriter(model_uri, out_uri, threshold, env, max_pixels, use_gpu)
+        writer = MapWriter(model_uri, out_uri, threshold, env, max_pixels, use_gpu, pixel_threshold)
         rows = [writer.predict_one(u, st) for u, st in bar(items, total=len(items), desc="predict", unit="img",
                                                            min_total=8)]
     rows.sort(key=lambda r: r["stem"])
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["stem", "score", "is_defect", "error"])
+    w.writerow(["stem", "score", "is_defect", "defect_pixels", "error"])
     for r in rows:
         w.writerow([r["stem"], "" if r["score"] is None else f"{r['score']:.6f}",
-                    "" if r["is_defect"] is None else int(bool(r["is_defect"])), r["error"]])
+                    "" if r["is_defect"] is None else int(bool(r["is_defect"])),
+                    "" if r["defect_pixels"] is None else r["defect_pixels"], r["error"]])
     scores_uri = storage.join(out_uri, "scores.csv")
     storage.write_text(scores_uri, buf.getvalue())
     failed = sum(1 for r in rows if r["error"])
@@ -158,6 +174,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="image file, folder or s3:// prefix")
     p.add_argument("--out", required=True, help="output folder or s3:// prefix")
     p.add_argument("--threshold", type=float, help="decision threshold on the score (default: the artifact's)")
+    p.add_argument("--pixel-threshold", type=float,
+                   help="threshold of the defect masks on the map (default: the artifact's calibrated one)")
     p.add_argument("--ray-threshold", type=int, default=64,
                    help="use Ray Data when there are more images than this (default 64)")
     p.add_argument("--num-actors", type=int, default=1, help="Ray Data actor pool size")
@@ -172,7 +190,8 @@ class PredictOptions(cfgmod.Strict):
 
 def run_cli(args: argparse.Namespace) -> PredictResult:
     opts = cfgmod.load(PredictOptions, overrides=args.set, what="predict options")
-    return run(args.model, args.input, args.out, threshold=args.threshold, ray_threshold=args.ray_threshold,
+    return run(args.model, args.input, args.out, threshold=args.threshold, pixel_threshold=args.pixel_threshold,
+               ray_threshold=args.ray_threshold,
                num_actors=args.num_actors, batch_size=args.batch_size, ray_cfg=opts.ray, storage_cfg=opts.storage)
 
 

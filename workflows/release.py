@@ -39,8 +39,9 @@ class TrainResult:
 
 
 def calibrate(art_uri: str, full: pa.Table, cfg: TrainConfig, use_gpu: bool) -> dict[str, Any]:
-    """Choose the image decision threshold (``eval.decision_threshold``) and store it in the artifact."""
-    return ev.calibrate(art_uri, full, cfg.eval.decision_threshold, pixel_threshold=cfg.eval.threshold,
+    """Choose the image decision threshold (``eval.decision_threshold``) and the pixel threshold
+    (``eval.threshold``) and store them in the artifact."""
+    return ev.calibrate(art_uri, full, cfg.eval.decision_threshold, pixel_setting=cfg.eval.threshold,
                         margin=cfg.eval.threshold_margin, batch_size=cfg.eval.batch_size,
                         num_actors=cfg.eval.num_actors, use_gpu=use_gpu, max_pixels=cfg.data.max_image_pixels)
 
@@ -49,7 +50,7 @@ def evaluate_split(art_uri: str, full: pa.Table, cfg: TrainConfig, use_gpu: bool
                    ) -> tuple[ev.EvalResult, dict[str, Any]]:
     """The artifact on ``eval.split``, and its metrics named after the split (``test_iou``, ...)."""
     split = cfg.eval.split
-    result = ev.evaluate(art_uri, full, split=split, threshold=cfg.eval.threshold,
+    result = ev.evaluate(art_uri, full, split=split, threshold=None,  # the artifact's (calibrated) pixel threshold
                          seg_iou_threshold=cfg.eval.seg_iou_threshold, batch_size=cfg.eval.batch_size,
                          num_actors=cfg.eval.num_actors, use_gpu=use_gpu, sheet_images=cfg.eval.sheet_images,
                          max_pixels=cfg.data.max_image_pixels)
@@ -71,8 +72,8 @@ def release(cfg: TrainConfig, full: pa.Table, checkpoint: Any, *, layout: catalo
     lineage = {"manifest": cfg.data.manifest, "manifest_digest": manifest.digest(full), "run": run_uri,
                "regime": cfg.data.regime, "epochs_trained": len(history), "chosen_epoch": chosen,
                "train_config": cfg.model_dump(mode="json"), **(lineage or {})}
-    artifact.save(detector, staging, threshold=cfg.eval.threshold, pixel_threshold=cfg.eval.threshold,
-                  lineage=lineage)
+    provisional = cfg.eval.provisional_threshold()  # until calibration replaces it
+    artifact.save(detector, staging, threshold=provisional, pixel_threshold=provisional, lineage=lineage)
     calibrate(staging, full, cfg, use_gpu)
     result, split_metrics = evaluate_split(staging, full, cfg, use_gpu)
     at_chosen = next((h for h in history if int(h.get("epoch", 0)) == chosen), {})

@@ -118,6 +118,11 @@ def from_features(table: pa.Table, cfg: TrainConfig, features_uris: list[str]) -
 def build(table: pa.Table, cfg: TrainConfig, features_uris: list[str] | None = None) -> dict[str, Any]:
     """The datasets of a run, and a warning naming the samples that could not be decoded (materialised datasets
     only: counting a streamed one would read it twice)."""
+    import ray.data
+
+    # rows keep the table's order (not the order in which map tasks finish), so that, with the seeded shuffle and
+    # initialisation of the workers, one config and seed trains the same model twice
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     datasets = from_pixels(table, cfg) if features_uris is None else from_features(table, cfg, features_uris)
     for split, ds in datasets.items():
         if type(ds).__name__ != "MaterializedDataset":

@@ -131,6 +131,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
     from components.data.loading import to_batch
     from components.training import (
         TrainStep,
+        clip_gradients,
         make_optimizer,
         make_scheduler,
         model_fingerprint,
@@ -184,8 +185,11 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
             loss, logs = step(to_batch(arrays, device, gen, hflip=aug["hflip"], vflip=aug["vflip"]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if o["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(step.parameters(), o["grad_clip"])
+            if o["grad_clip"]:  # the norms before clipping, per epoch: they show which loss drives the steps
+                norms = clip_gradients(opt, step, o["grad_clip"], o["grad_clip_per_group"])
+                names = ([g.get("name", str(i)) for i, g in enumerate(opt.param_groups)]
+                         if o["grad_clip_per_group"] else ["all"])
+                logs = {**logs, **{f"grad_norm_{n}": v for n, v in zip(names, norms, strict=True)}}
             opt.step()
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -196,6 +200,11 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
         metrics.update(_validate(objective, detector, val_shard, device, c, rank))
         metrics.update({"epoch": epoch + 1, "epoch_time_s": round(time.time() - t0, 3),
                         "lr": opt.param_groups[0]["lr"]})
+        window = smoothing_window(select)
+        if window is not None and metrics.get(window[0]) is not None:
+            base, k = window
+            recent = [h[base] for h in history[-(k - 1):] if h.get(base) is not None] + [metrics[base]]
+            metrics[select] = sum(recent) / len(recent)
         if select and metrics.get(select) is not None and (
                 best is None or (metrics[select] > best if mode == "max" else metrics[select] < best)):
             best = metrics[select]
@@ -225,7 +234,7 @@ def _validate(objective: Any, detector: Any, shard: Any, device: Any, c: dict[st
     if shard is None or rank != 0:
         return {}
     detector.eval()
-    meter = ValidationMeter(c["eval"]["threshold"])
+    meter = ValidationMeter(c["_pixel_threshold"])
     with torch.no_grad():
         for arrays in shard.iter_batches(batch_size=c["optim"]["batch_size"], batch_format="numpy"):
             b = to_batch(arrays, device)
@@ -239,29 +248,56 @@ def _validate(objective: Any, detector: Any, shard: Any, device: Any, c: dict[st
 # ------------------------------------------------------------------------------------------ driver side
 
 
+MIN_DEFECTIVE_VAL = 10  # below this, one image moves AUROC/IoU by >= 0.1/n: choices by validation swing
+
+
 def selection_metric(table: pa.Table, cfg: TrainConfig) -> tuple[str | None, str]:
     """``checkpoint.metric`` when set; else, for segmenters, val_iou_pooled when validation has masks; for
     detectors with an image score, val_image_auroc when validation has both labels; else val_loss; with no
-    validation split, none (keep the last checkpoint)."""
+    validation split, none (keep the last checkpoint).
+
+    With ``checkpoint.smoothing`` k > 1 (``auto``: 3 when validation holds fewer than ``MIN_DEFECTIVE_VAL``
+    defective images, else 1) the choice is by the trailing mean of the metric over k epochs, reported as
+    ``<metric>_mean<k>``: one lucky epoch on a handful of defective images no longer wins. Too few defective
+    validation images are also a warning, with what to do about it."""
     val = table.filter(pc.equal(table["split"], "val"))
     if val.num_rows == 0:
         return None, "max"
-    if cfg.checkpoint.metric != "auto":
-        return cfg.checkpoint.metric, cfg.checkpoint.mode
     labels = set(val["label"].to_pylist())
     has_masks = int(pc.sum(pc.equal(val["supervision"], "pixel")).as_py() or 0) > 0
-    if registry.get(cfg.model.family).needs_masks:
-        if has_masks:
-            return "val_iou_pooled", "max"
-    elif {0, 1} <= labels:
-        return "val_image_auroc", "max"
-    return "val_loss", "min"
+    if cfg.checkpoint.metric != "auto":
+        metric, mode = cfg.checkpoint.metric, cfg.checkpoint.mode
+    elif registry.get(cfg.model.family).needs_masks and has_masks:
+        metric, mode = "val_iou_pooled", "max"
+    elif not registry.get(cfg.model.family).needs_masks and {0, 1} <= labels:
+        metric, mode = "val_image_auroc", "max"
+    else:
+        metric, mode = "val_loss", "min"
+    n_defective = int(pc.sum(pc.equal(val["label"], 1)).as_py() or 0)
+    few = metric != "val_loss" and n_defective < MIN_DEFECTIVE_VAL
+    if few:
+        log.warning("validation holds only %d defective image(s): the checkpoint chosen by %s and the calibrated "
+                    "thresholds will swing from epoch to epoch; carve a larger validation split (ingest --option "
+                    "val_fraction=...) or choose by a smoothed metric (checkpoint.smoothing, %s)", n_defective,
+                    metric, "on: 3 epochs" if cfg.checkpoint.smoothing == "auto" else "now "
+                    f"{cfg.checkpoint.smoothing}")
+    window = cfg.checkpoint.smoothing if cfg.checkpoint.smoothing != "auto" else (3 if few else 1)
+    return (f"{metric}_mean{window}" if window > 1 else metric), mode
+
+
+def smoothing_window(select: str | None) -> tuple[str, int] | None:
+    """(base metric, k) of a ``<metric>_mean<k>`` selection metric, else None."""
+    if not select:
+        return None
+    base, sep, k = select.rpartition("_mean")
+    return (base, int(k)) if sep and base and k.isdigit() and int(k) > 1 else None
 
 
 def loop_config(cfg: TrainConfig, select: tuple[str | None, str]) -> dict[str, Any]:
     c = cfg.model_dump(mode="json")
     c["_storage"] = storage.worker_settings()
     c["_select_metric"], c["_select_mode"] = select
+    c["_pixel_threshold"] = cfg.eval.provisional_threshold()
     return c
 
 

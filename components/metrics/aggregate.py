@@ -19,7 +19,7 @@ from components.metrics import anomaly, saliency
 from components.metrics import image as image_metrics
 from components.metrics import sample as sample_metrics
 
-__all__ = ["image_stats", "summarize"]
+__all__ = ["image_stats", "summarize", "threshold_warnings"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,22 @@ def image_stats(
     return out
 
 
+def threshold_warnings(metrics: Mapping[str, Any], threshold: float) -> list[str]:
+    """Sentences for a person when the metrics at the pixel ``threshold`` (iou, pixel_f1, sample_miou, seg_recall,
+    seg_accuracy) say nothing about the map: no pixel reaches it on any image, or it throws away most of the pooled
+    F1 that the map itself allows (``pixel_f1_max``, threshold-free in effect)."""
+    out = []
+    best, at = metrics.get("pixel_f1_max"), metrics.get("pixel_f1")
+    if best is not None and at is not None and best >= 0.1 and at < 0.5 * best:
+        out.append(f"at the pixel threshold {threshold:.4g} the masks reach a pooled pixel F1 of {at:.3f}, where this "
+                   f"map allows {best:.3f} (at {metrics['pixel_f1_max_threshold']:.4g}): iou, sample_miou, "
+                   "seg_recall and seg_accuracy at this threshold say little about the map; calibrate it on "
+                   "validation (eval.threshold: auto, or evaluate --calibrate)")
+    if metrics.get("n_defective_masks") and metrics.get("pixel_f1") == 0.0:
+        out.append(f"no defect pixel reaches the pixel threshold {threshold:.4g}: the predicted masks are empty")
+    return out
+
+
 def _mean(values: Iterable[float | None]) -> float | None:
     vals = [float(v) for v in values if v is not None]
     return float(np.mean(vals)) if vals else None
@@ -142,7 +158,8 @@ def _anomaly_pixel_metrics(masked: Sequence[Mapping[str, Any]], fpr_limit: float
     All masked images must carry a pixel entry: dropping some would silently change which pixels the metric is
     about, so stats from an older version make these metrics None (with a warning) instead.
     """
-    out: dict[str, Any] = {"pixel_auroc": None, "pixel_ap": None, "aupro": None, "n_defect_regions": 0}
+    out: dict[str, Any] = {"pixel_auroc": None, "pixel_ap": None, "aupro": None, "n_defect_regions": 0,
+                           "pixel_f1_max": None, "pixel_f1_max_threshold": None}
     if any("pixel" not in s for s in masked):
         logger.warning(
             "some images with masks carry no pixel entry (stats from an older version?): "
@@ -157,6 +174,7 @@ def _anomaly_pixel_metrics(masked: Sequence[Mapping[str, Any]], fpr_limit: float
         out["pixel_auroc"] = anomaly.pixel_auroc(entries)
         out["pixel_ap"] = anomaly.pixel_ap(entries)
         out["aupro"] = anomaly.aupro(entries, fpr_limit=fpr_limit)
+        out["pixel_f1_max_threshold"], out["pixel_f1_max"] = anomaly.pixel_f1_max(entries)
     return out
 
 
@@ -191,7 +209,8 @@ def summarize(
     ``scores``; seg_image_auroc ranks ``map_max`` (the segmentation head used as classifier) over the same labels,
     so images without masks count too. pixel_auroc, pixel_ap (pooled pixels) and aupro (FPR up to ``fpr_limit``,
     normalised) need pixel entries with both defect and normal pixels; ``n_defect_regions`` is how many connected
-    regions AUPRO averages over.
+    regions AUPRO averages over. pixel_f1 is the pooled pixel F1 at the stats' threshold; pixel_f1_max and
+    pixel_f1_max_threshold the best pooled F1 over all thresholds and where it is (what calibration picks).
     """
     stats = list(stats)
     labels = list(labels)
@@ -227,6 +246,9 @@ def summarize(
         "pixel_auroc": None,
         "pixel_ap": None,
         "aupro": None,
+        "pixel_f1": None,
+        "pixel_f1_max": None,
+        "pixel_f1_max_threshold": None,
     }
 
     if masked:
@@ -236,6 +258,8 @@ def summarize(
         out["wfm"] = _mean(s["wfm"] for s in defective)
         out.update(_e_measures(masked))
         out["iou_pooled"] = sample_metrics.pooled_iou((s["tp"], s["fp"], s["fn"]) for s in masked)
+        tp, fp, fn = (sum(s[k] for s in masked) for k in ("tp", "fp", "fn"))
+        out["pixel_f1"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
         exact_iou = [sample_metrics.iou_from_counts(s["tp"], s["fp"], s["fn"]) for s in masked]
         gt_nonempty = [s["gt_pixels"] > 0 for s in masked]
         pred_nonempty = [bool(s["pred_nonempty"]) for s in masked]

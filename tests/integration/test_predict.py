@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components import storage
+from components import artifact, storage
 from tests.helpers import random_artifact
 from workflows import predict
 
@@ -38,10 +38,22 @@ def _check(res, out, n):
     assert m.size == (50, 42) and m.mode == "L"
     ok = [r for r in rows if not r["error"]]
     assert all(0.0 <= float(r["score"]) <= 1.0 and r["is_defect"] in ("0", "1") for r in ok)
+    # the mask is the map at the artifact's pixel threshold (0.3 here; the 8-bit map has one grey level of slack)
+    mask = np.asarray(Image.open(io.BytesIO(storage.read_bytes(storage.join(out, "masks", "img2.png"))))) > 0
+    grey = np.asarray(m).astype(int)
+    row = next(r for r in rows if r["stem"] == "img2")
+    assert mask.shape == (42, 50) and int(row["defect_pixels"]) == int(mask.sum())
+    assert (grey[mask] >= round(0.3 * 255) - 1).all() and (grey[~mask] <= round(0.3 * 255) + 1).all()
+
+
+def _artifact(uri: str) -> str:
+    art = random_artifact(uri)
+    artifact.update_meta(art, extra={"pixel_threshold": 0.3})  # as calibration would store it
+    return art
 
 
 def test_predict_in_process_local(tmp_path):
-    art = random_artifact(str(tmp_path / "art"))
+    art = _artifact(str(tmp_path / "art"))
     _write_images(str(tmp_path / "in"), 3)
     res = predict.run(art, str(tmp_path / "in"), str(tmp_path / "out"))
     assert not res.used_ray
@@ -50,7 +62,7 @@ def test_predict_in_process_local(tmp_path):
 
 @pytest.mark.s3
 def test_predict_on_ray_data_s3(ray_session, s3_bucket):
-    art = random_artifact(f"{s3_bucket}/art")
+    art = _artifact(f"{s3_bucket}/art")
     _write_images(f"{s3_bucket}/in", 4)
     res = predict.run(art, f"{s3_bucket}/in", f"{s3_bucket}/out", ray_threshold=0, num_actors=1)
     assert res.used_ray

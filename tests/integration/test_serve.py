@@ -27,10 +27,12 @@ def _png(w: int, h: int, mode: str = "RGB") -> bytes:
 
 @pytest.fixture(scope="module")
 def endpoint(ray_session, tmp_path_factory):
+    from components import artifact
     from components.config import ServeConfig
     from workflows import serve
 
     uri = random_artifact(str(tmp_path_factory.mktemp("art") / "a"), size=64)
+    artifact.update_meta(uri, extra={"pixel_threshold": 0.3})  # as calibration would store it
     port = free_port()
     handle = serve.start(ServeConfig(model=uri, port=port, num_cpus=0.25, max_upload_bytes=200_000,
                                      max_image_pixels=1_000_000))
@@ -46,6 +48,12 @@ def test_detect_returns_score_decision_and_map(endpoint):
     assert body["threshold"] == 0.5 and body["model"]["family"] == "gmbinet" and body["latency_ms"] > 0
     m = Image.open(io.BytesIO(base64.b64decode(body["defect_map_png"])))
     assert m.size == (90, 70) and m.mode == "L"
+    # the mask is the map at the artifact's pixel threshold (the 8-bit map is rounded: one grey level of slack)
+    assert body["pixel_threshold"] == 0.3
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["defect_mask_png"])))) > 0
+    grey = np.asarray(m).astype(int)
+    assert mask.shape == (70, 90) and body["defect_pixels"] == int(mask.sum())
+    assert (grey[mask] >= round(0.3 * 255) - 1).all() and (grey[~mask] <= round(0.3 * 255) + 1).all()
 
 
 def test_grayscale_rgba_and_16bit_and_raw_body(endpoint):

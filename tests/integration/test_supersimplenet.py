@@ -73,6 +73,12 @@ def test_regime_learns(ray_session, data, request, regime, epochs, floor):
     if regime in ("full", "mixed"):
         assert m["test_pixel_auroc"] > {"full": 0.7, "mixed": 0.55}[regime], m
     assert m["test_decision_threshold"] == meta["threshold"]
+    # the pixel threshold is calibrated on the validation masks and the test masks are made with it: on test it
+    # keeps at least half the pooled pixel F1 the map allows (at a fixed 0.5 SuperSimpleNet's masks were empty)
+    assert meta["pixel_threshold_info"]["rule"] == "pixel_f1_max"
+    assert m["test_pixel_threshold"] == meta["pixel_threshold"]
+    if regime in ("full", "mixed"):
+        assert m["test_pixel_f1"] >= 0.5 * m["test_pixel_f1_max"] > 0, m
 
 
 def test_feature_cache_is_reused_and_resumes(ray_session, data):
@@ -146,6 +152,7 @@ def test_calibration_f1_max_and_fallback(ray_session, data, full_run, tmp_path):
     table = manifest.read(man)
     info = calibrate(uri, table, "auto")
     assert info["rule"] == "f1_max" and info["split"] == "val" and info["f1"] > 0
+    assert info["pixel"]["rule"] == "pixel_f1_max" and 0 < artifact.read_meta(uri)["pixel_threshold"] < 1
     assert artifact.read_meta(uri)["threshold_info"]["rule"] == "f1_max"
     normals_only = table.filter(pc.or_(pc.not_equal(table["split"], "val"), pc.equal(table["label"], 0)))
     info = calibrate(uri, normals_only, "auto", margin=0.1)

@@ -82,3 +82,15 @@ def test_ready_configs_validate():
     assert cfgmod.load(TrainConfig, str(configs / "gmbinet_sd900.yaml")).optim.lr_schedule == "cosine"
     assert cfgmod.load(IngestConfig, str(configs / "ingest_sd900.yaml")).dataset == "sd_saliency_900"
     assert cfgmod.load(SweepConfig, str(configs / "sweep_gmbinet_procedural.yaml")).metric == "val_iou_pooled"
+
+
+def test_pixel_threshold_and_checkpoint_smoothing_keys():
+    base = {"name": "r", "data": {"manifest": "m"}}
+    cfg = cfgmod.validate(TrainConfig, base, "cfg")
+    assert cfg.eval.threshold == "auto" and cfg.eval.provisional_threshold() == 0.5
+    assert cfg.checkpoint.smoothing == "auto" and cfg.optim.grad_clip_per_group is True
+    fixed = cfgmod.validate(TrainConfig, {**base, "eval": {"threshold": 0.3}}, "cfg")
+    assert fixed.eval.provisional_threshold() == 0.3
+    with pytest.raises(ConfigError) as e:
+        cfgmod.validate(TrainConfig, {**base, "eval": {"threshold": 1.5}, "checkpoint": {"smoothing": 0}}, "cfg")
+    assert "eval.threshold" in e.value.message and "checkpoint.smoothing" in e.value.message

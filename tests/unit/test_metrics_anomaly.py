@@ -405,3 +405,50 @@ def test_choose_threshold_errors():
         choose_threshold([0], [0.1], margin=-1)
     with pytest.raises(ValueError, match="fallback"):
         choose_threshold([0], [0.1], fallback="percentile")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the pixel threshold: pooled F1-max, and the warning when a fixed threshold says nothing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _f1_at(pairs, t):
+    y, s = _flat(pairs)
+    pred = s >= t
+    tp, fp, fn = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+@pytest.mark.parametrize("make_map", [_beta_map, _smooth_map])
+def test_pixel_f1_max_is_the_best_threshold_of_an_exact_sweep(make_map):
+    from components.metrics.anomaly import pixel_f1_max
+
+    rng = np.random.default_rng(7)
+    pairs = _dataset(rng, make_map, n=6, shape=(64, 64))
+    thr, f1 = pixel_f1_max([pixel_entry(p, g) for p, g in pairs])
+    assert f1 == pytest.approx(_f1_at(pairs, thr), abs=1e-12)  # the reported F1 is the F1 of `map >= thr`
+    _, s = _flat(pairs)
+    candidates = np.unique(s)[:: max(1, np.unique(s).size // 4000)]
+    best = max(_f1_at(pairs, t) for t in candidates)  # an exact sweep over (a dense subset of) the map values
+    assert f1 >= best - 2e-3  # the grid's edges lose at most a sliver of F1 between two edges
+
+
+def test_pixel_f1_max_on_a_shifted_map_and_the_warning_at_half():
+    """A map that separates perfectly but sits at 0.4-0.45 on normal pixels and 0.46-0.49 on defects (what
+    SuperSimpleNet's maps look like): at 0.5 nothing is predicted; calibration finds the gap."""
+    from components.metrics.aggregate import threshold_warnings
+
+    rng = np.random.default_rng(3)
+    pairs = []
+    for i in range(4):
+        g = _blobs(rng, (48, 48), 2) if i else np.zeros((48, 48), dtype=bool)
+        pairs.append((np.where(g, rng.uniform(0.46, 0.49, g.shape), rng.uniform(0.40, 0.45, g.shape)), g))
+    at_half = summarize([image_stats(p, g, threshold=0.5) for p, g in pairs], [], [])
+    assert at_half["pixel_f1"] == 0.0 and at_half["pixel_f1_max"] == pytest.approx(1.0)
+    assert 0.45 <= at_half["pixel_f1_max_threshold"] <= 0.46
+    warnings = threshold_warnings(at_half, 0.5)
+    assert len(warnings) == 2 and "calibrate" in warnings[0] and "empty" in warnings[1]
+    calibrated = at_half["pixel_f1_max_threshold"]
+    at_best = summarize([image_stats(p, g, threshold=calibrated) for p, g in pairs], [], [])
+    assert at_best["pixel_f1"] == pytest.approx(1.0) and at_best["seg_recall"] == 1.0
+    assert threshold_warnings(at_best, calibrated) == []

@@ -77,3 +77,66 @@ def test_validation_meter_uses_the_evaluation_definitions():
     assert m["val_iou_pooled"] == pytest.approx(pooled_iou(counts))
     assert m["val_mae"] == pytest.approx(np.mean([float((maps[i] - masks[i]).abs().mean()) for i in (0, 1, 2, 4)]))
     assert m["val_image_auroc"] == pytest.approx(roc_auc([1, 1, 0, 1], [0.9, 0.4, 0.3, 0.8]))  # -1: unknown
+
+
+def _val_table(n_def: int, n_norm: int = 20):
+    import pyarrow as pa
+
+    n = n_def + n_norm + 4
+    return pa.table({"split": ["val"] * (n_def + n_norm) + ["train"] * 4,
+                     "label": [1] * n_def + [0] * n_norm + [0, 1, 0, 1],
+                     "supervision": ["pixel"] * n})
+
+
+@pytest.mark.parametrize(("family", "base"), [("gmbinet", "val_iou_pooled"), ("supersimplenet", "val_image_auroc")])
+def test_few_defective_validation_images_warn_and_smooth_the_choice(caplog, tmp_path, family, base):
+    from tests.helpers import train_config
+    from workflows.trainer import selection_metric, smoothing_window
+
+    model = {"family": family, "params": {} if family == "gmbinet" else {"backbone": {"weights": "random"}}}
+    cfg = train_config(str(tmp_path), "m.parquet", model=model)
+    with caplog.at_level("WARNING", logger="defectflow.train"):
+        assert selection_metric(_val_table(12), cfg) == (base, "max")
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="defectflow.train"):
+        select, mode = selection_metric(_val_table(3), cfg)
+    assert (select, mode) == (f"{base}_mean3", "max") and smoothing_window(select) == (base, 3)
+    assert "only 3 defective" in caplog.text and "val_fraction" in caplog.text
+    fixed = train_config(str(tmp_path), "m.parquet", model=model, checkpoint={"smoothing": 1})
+    assert selection_metric(_val_table(3), fixed)[0] == base  # the user's choice wins (still warned)
+    assert selection_metric(_val_table(12), train_config(str(tmp_path), "m.parquet", model=model,
+                                                         checkpoint={"smoothing": 4}))[0] == f"{base}_mean4"
+    assert smoothing_window("val_loss") is None and smoothing_window(None) is None
+
+
+def test_per_group_clipping_keeps_a_small_head_step_that_a_global_clip_shrinks():
+    from components.training import clip_gradients
+
+    big, small = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+    model = torch.nn.ModuleList([big, small])
+
+    def grads(per_group):
+        opt = torch.optim.SGD([{"params": big.parameters()}, {"params": small.parameters()}], lr=0.1)
+        opt.zero_grad()
+        x = torch.ones(2, 4)
+        (100.0 * big(x).sum() + 0.01 * small(x).sum()).backward()  # one loss dominates the norm
+        norms = clip_gradients(opt, model, 1.0, per_group)
+        return norms, torch.cat([p.grad.flatten() for p in small.parameters()]).norm().item()
+
+    (big_norm, small_norm), small_kept = grads(True)
+    assert big_norm > 100 and small_kept == pytest.approx(small_norm)  # the small head's step is untouched
+    (total,), small_global = grads(False)
+    assert total > 100 and small_global < small_norm / 100  # a global clip scales it down with the big one
+
+
+def test_supersimplenet_has_the_authors_three_optimiser_groups():
+    from components.models import registry
+
+    det = registry.create_detector("supersimplenet", {"backbone": {"weights": "random"}, "seg_hidden": 8,
+                                                      "cls_hidden": 4}, {"input_size": (64, 64)})
+    groups = registry.create_objective("supersimplenet", {}).param_groups(det, 2e-4, 0.01)
+    assert [g["name"] for g in groups] == ["adaptor", "seg_head", "cls_head"]
+    assert [g["lr"] for g in groups] == [1e-4, 2e-4, 2e-4] and [g["weight_decay"] for g in groups] == [0.01, 1e-5, 1e-5]
+    ids = [id(p) for g in groups for p in g["params"]]
+    trainable = [id(p) for p in det.heads.parameters() if p.requires_grad]
+    assert sorted(ids) == sorted(trainable)  # every trainable parameter in exactly one group

@@ -71,17 +71,21 @@ bench_synth() {
   end bench-synth
 }
 
-mt_ssn_regimes() {
+mt_ssn_regimes() {  # SEEDS="0 1 2" (weak, mixed, full) and UNSUP_SEEDS="0": one run per regime and seed
   begin mt-ssn-regimes
-  fresh mt-ssn-unsupervised mt-ssn-weak mt-ssn-mixed mt-ssn-full
   ingest_mt
   for r in unsupervised weak mixed full; do
-    extra=(); [ "$r" = mixed ] && extra=(--set data.mixed_masks=50)
-    run "$DF" train --config "workflows/configs/ssn_$r.yaml" --set "name=mt-ssn-$r" \
-      --set "output.model_name=mt-ssn-$r" --set "data.manifest=$ROOT/datasets/magnetic_tile/manifest.parquet" \
-      --set scaling.cpus_per_worker=2 "${extra[@]}"
-    keep_report "mt-ssn-$r" "$r"
+    seeds="${SEEDS:-0 1 2}"; [ "$r" = unsupervised ] && seeds="${UNSUP_SEEDS:-0}"
+    for s in $seeds; do
+      n="mt-ssn-$r-seed$s"; fresh "$n"
+      extra=(); [ "$r" = mixed ] && extra=(--set data.mixed_masks=50)
+      run "$DF" train --config "workflows/configs/ssn_$r.yaml" --set "name=$n" --set "output.model_name=$n" \
+        --set "data.manifest=$ROOT/datasets/magnetic_tile/manifest.parquet" --set "seed=$s" \
+        --set scaling.cpus_per_worker=2 "${extra[@]}"
+      keep_report "$n" "$r-seed$s"
+    done
   done
+  "$PWD/.venv/bin/python" workflows/results/table.py "$OUT" | tee -a "$OUT/output.txt"
   end mt-ssn-regimes
 }
 

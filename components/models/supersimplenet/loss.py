@@ -230,12 +230,17 @@ class SuperSimpleNetObjective(Objective):
         return loss, {"loss": float(loss.detach()), "seg": float(seg_loss.detach()), "cls": float(cls_loss.detach())}
 
     def param_groups(self, detector: SuperSimpleNetDetector, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """The authors' AdamW groups: adaptor at half the heads' lr with the optimiser's weight decay (their adaptor
-        group inherits AdamW's default 0.01), heads with weight decay 1e-5. The frozen backbone is never listed."""
+        """The authors' three AdamW groups (JIMS ``train.py``): adaptor at half the heads' lr with the optimiser's
+        weight decay (their adaptor group inherits AdamW's default 0.01), segmentation head and classification head
+        each at lr with weight decay 1e-5. The frozen backbone is never listed. Separate head groups also let
+        ``optim.grad_clip_per_group`` clip each head on its own."""
         heads = detector.heads
+        hwd = self.params.head_weight_decay
         return [
             {"params": [q for q in heads.adaptor.parameters() if q.requires_grad],
-             "lr": lr * self.params.adaptor_lr_scale, "weight_decay": weight_decay},
-            {"params": [q for q in heads.head_parameters() if q.requires_grad],
-             "lr": lr, "weight_decay": self.params.head_weight_decay},
+             "lr": lr * self.params.adaptor_lr_scale, "weight_decay": weight_decay, "name": "adaptor"},
+            {"params": [q for q in heads.seg_head_parameters() if q.requires_grad], "lr": lr, "weight_decay": hwd,
+             "name": "seg_head"},
+            {"params": [q for q in heads.cls_head_parameters() if q.requires_grad], "lr": lr, "weight_decay": hwd,
+             "name": "cls_head"},
         ]

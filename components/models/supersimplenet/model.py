@@ -98,8 +98,14 @@ class SuperSimpleNetHeads(nn.Module):
         return self.adaptor(features)
 
     def head_parameters(self) -> list[nn.Parameter]:
-        """Segmentation and classification head parameters (one optimiser group in the paper's recipe)."""
-        return [*self.seg_head.parameters(), *self.cls_conv.parameters(), *self.cls_fc.parameters()]
+        """Segmentation and classification head parameters."""
+        return [*self.seg_head_parameters(), *self.cls_head_parameters()]
+
+    def seg_head_parameters(self) -> list[nn.Parameter]:
+        return list(self.seg_head.parameters())
+
+    def cls_head_parameters(self) -> list[nn.Parameter]:
+        return [*self.cls_conv.parameters(), *self.cls_fc.parameters()]
 
     def segment_classify(self, seg_features: torch.Tensor, cls_features: torch.Tensor,
                          stop_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
