@@ -140,7 +140,9 @@ def evaluate(model_uri: str, table: pa.Table, *, split: str = "test", threshold:
         num_cpus=1, num_gpus=1 if use_gpu else 0,
     )
     rows = ds.take_all()
-    result = _aggregate(rows, thr, seg_iou_threshold, model_uri, split, decision_threshold=meta.get("threshold"))
+    calibrated = threshold is None and (meta.get("pixel_threshold_info") or {}).get("rule") == "pixel_f1_max"
+    result = _aggregate(rows, thr, seg_iou_threshold, model_uri, split, decision_threshold=meta.get("threshold"),
+                        calibrated=calibrated)
     for w in result.warnings if warn else []:
         log.warning("%s split: %s", split, w)
     return result
@@ -167,7 +169,7 @@ def decision_metrics(labels: list[int | None], scores: list[float], threshold: f
 
 
 def _aggregate(rows: list[dict[str, Any]], thr: float, seg_iou_threshold: float, model_uri: str,
-               split: str, decision_threshold: float | None = None) -> EvalResult:
+               split: str, decision_threshold: float | None = None, calibrated: bool = False) -> EvalResult:
     rows = sorted(rows, key=lambda r: r["sample_id"])
     skipped = [{"sample_id": r["sample_id"], "reason": r["error"]} for r in rows if r.get("error")]
     rows = [r for r in rows if not r.get("error")]
@@ -186,7 +188,7 @@ def _aggregate(rows: list[dict[str, Any]], thr: float, seg_iou_threshold: float,
                     "n_skipped": len(skipped)})
     if decision_threshold is not None:
         metrics.update(decision_metrics(labels, scores, decision_threshold))
-    warnings = threshold_warnings(metrics, thr)
+    warnings = threshold_warnings(metrics, thr, calibrated)
     sheet_rows = []
     for r in rows:
         if r.get("thumb"):

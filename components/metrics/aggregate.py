@@ -104,17 +104,20 @@ def image_stats(
     return out
 
 
-def threshold_warnings(metrics: Mapping[str, Any], threshold: float) -> list[str]:
+def threshold_warnings(metrics: Mapping[str, Any], threshold: float, calibrated: bool = False) -> list[str]:
     """Sentences for a person when the metrics at the pixel ``threshold`` (iou, pixel_f1, sample_miou, seg_recall,
     seg_accuracy) say nothing about the map: no pixel reaches it on any image, or it throws away most of the pooled
-    F1 that the map itself allows (``pixel_f1_max``, threshold-free in effect)."""
+    F1 that the map itself allows (``pixel_f1_max``, threshold-free in effect). ``calibrated``: the threshold was
+    already chosen on validation (then the advice is about validation, not about calibrating)."""
     out = []
     best, at = metrics.get("pixel_f1_max"), metrics.get("pixel_f1")
     if best is not None and at is not None and best >= 0.1 and at < 0.5 * best:
+        advice = ("the threshold chosen on validation does not transfer to this split (too few or unlike "
+                  "validation masks?)" if calibrated else
+                  "calibrate it on validation (eval.threshold: auto, or evaluate --calibrate)")
         out.append(f"at the pixel threshold {threshold:.4g} the masks reach a pooled pixel F1 of {at:.3f}, where this "
                    f"map allows {best:.3f} (at {metrics['pixel_f1_max_threshold']:.4g}): iou, sample_miou, "
-                   "seg_recall and seg_accuracy at this threshold say little about the map; calibrate it on "
-                   "validation (eval.threshold: auto, or evaluate --calibrate)")
+                   f"seg_recall and seg_accuracy at this threshold say little about the map; {advice}")
     if metrics.get("n_defective_masks") and metrics.get("pixel_f1") == 0.0:
         out.append(f"no defect pixel reaches the pixel threshold {threshold:.4g}: the predicted masks are empty")
     return out

@@ -50,8 +50,8 @@ def main(exp_dir: str) -> int:
     if not rows:
         print(f"no <row>-seed<k>/metrics.json under {exp}", file=sys.stderr)
         return 2
-    order = [r for r in ("unsupervised", "weak", "mixed", "full") if r in rows] + sorted(set(rows) - {
-        "unsupervised", "weak", "mixed", "full"})
+    known = ("unsupervised", "weak", "mixed", "full")
+    order = [r for r in known if r in rows] + sorted(set(rows) - set(known))
     lines = ["| run | seeds | " + " | ".join(HEADERS) + " |", "|---|---|" + "---|" * len(HEADERS)]
     for r in order:
         lines.append(f"| {r} | {len(rows[r]['seeds'])} | " + " | ".join(cell(rows[r].get(k, [])) for k in METRICS)
