@@ -69,7 +69,8 @@ def test_two_workers_ddp(ray_session, tmp_path, local_manifest):
     assert storage.exists(storage.join(res.run_uri, "artifact", "detector.json"))
     # validation during training scored every validation image once, as evaluation does on the same split
     table = manifest.read(local_manifest)
-    val = evaluate(res.artifact_uri, table, split="val", sheet_images=0)
+    # at the pixel threshold validation used while training (0.5 until the artifact's is calibrated)
+    val = evaluate(res.artifact_uri, table, split="val", sheet_images=0, threshold=cfg.eval.provisional_threshold())
     assert res.val_metrics["val_images"] == val.metrics["n_images"] == manifest.summary(table)["val"]["rows"]
     assert res.val_metrics["val_iou_pooled"] == pytest.approx(val.metrics["iou_pooled"], abs=0.02)
 

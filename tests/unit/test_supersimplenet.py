@@ -364,8 +364,10 @@ def test_images_and_cached_features_give_the_same_loss():
 def test_param_groups_follow_the_paper_and_skip_the_backbone():
     det = _detector()
     groups = SuperSimpleNetObjective().param_groups(det, 2e-4, 0.01)
-    assert [g["lr"] for g in groups] == [pytest.approx(1e-4), pytest.approx(2e-4)]
-    assert [g["weight_decay"] for g in groups] == [0.01, 1e-5]
+    assert [g["name"] for g in groups] == ["adaptor", "seg_head", "cls_head"]  # the JIMS code's three groups
+    assert [g["lr"] for g in groups] == [pytest.approx(1e-4), pytest.approx(2e-4), pytest.approx(2e-4)]
+    assert [g["weight_decay"] for g in groups] == [0.01, 1e-5, 1e-5]
+    assert sum(len(g["params"]) for g in groups) == len({id(p) for g in groups for p in g["params"]})  # no overlap
     listed = {id(p) for g in groups for p in g["params"]}
     assert listed == {id(p) for p in det.heads.parameters()}
     assert not listed & {id(p) for p in det.backbone.parameters()}

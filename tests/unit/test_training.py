@@ -128,15 +128,3 @@ def test_per_group_clipping_keeps_a_small_head_step_that_a_global_clip_shrinks()
     (total,), small_global = grads(False)
     assert total > 100 and small_global < small_norm / 100  # a global clip scales it down with the big one
 
-
-def test_supersimplenet_has_the_authors_three_optimiser_groups():
-    from components.models import registry
-
-    det = registry.create_detector("supersimplenet", {"backbone": {"weights": "random"}, "seg_hidden": 8,
-                                                      "cls_hidden": 4}, {"input_size": (64, 64)})
-    groups = registry.create_objective("supersimplenet", {}).param_groups(det, 2e-4, 0.01)
-    assert [g["name"] for g in groups] == ["adaptor", "seg_head", "cls_head"]
-    assert [g["lr"] for g in groups] == [1e-4, 2e-4, 2e-4] and [g["weight_decay"] for g in groups] == [0.01, 1e-5, 1e-5]
-    ids = [id(p) for g in groups for p in g["params"]]
-    trainable = [id(p) for p in det.heads.parameters() if p.requires_grad]
-    assert sorted(ids) == sorted(trainable)  # every trainable parameter in exactly one group

@@ -8,12 +8,21 @@
 # storage root), then copies what the README quotes (metrics.json, history.json, bench JSON/Markdown, synthesis
 # reports, contact sheets, the command lines and the machine) into workflows/results/<experiment>/.
 # Needs ../shared/datasets beside the repository for the real datasets.
+#
+# SMOKE=1 RESULTS_DIR=<dir> DEFECTFLOW_ROOT=<dir>: the same commands with tiny training budgets (1 epoch on 48
+# training images), written to RESULTS_DIR instead of workflows/results: checks in minutes that an experiment still
+# runs end to end and still produces its table (CI runs it; the figures it writes mean nothing).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DF="${DEFECTFLOW:-.venv/bin/defectflow}"
-DATA=../shared/datasets
-ROOT=./defectflow-data
-RESULTS=workflows/results
+DATA="${DATASETS_DIR:-../shared/datasets}"
+ROOT="${DEFECTFLOW_ROOT:-./defectflow-data}"
+RESULTS="${RESULTS_DIR:-workflows/results}"
+TRAIN_SETS=()
+if [ "${SMOKE:-0}" = 1 ]; then
+  [ -n "${RESULTS_DIR:-}" ] || { echo "SMOKE=1 needs RESULTS_DIR (smoke figures never replace the committed ones)" >&2; exit 2; }
+  TRAIN_SETS=(--set optim.epochs=1 --set data.max_train_samples=48 --set eval.sheet_images=0)
+fi
 
 run() {  # the command line to commands.txt, what the command prints (its result) to output.txt
   echo "+ $*" | tee -a "$OUT/commands.txt"
@@ -48,7 +57,7 @@ sd900() {
   begin sd900
   fresh gmbinet-sd900-results
   run "$DF" ingest --config workflows/configs/ingest_sd900.yaml
-  run "$DF" train --config workflows/configs/gmbinet_sd900.yaml --set name=gmbinet-sd900-results
+  run "$DF" train --config workflows/configs/gmbinet_sd900.yaml --set name=gmbinet-sd900-results ${TRAIN_SETS[@]+"${TRAIN_SETS[@]}"}
   keep_report gmbinet-sd900-results gmbinet-sd900
   end sd900
 }
@@ -85,7 +94,7 @@ mt_ssn_seeds() {  # SEEDS="0 1 2", UNSUP_SEEDS="0", ROWS="weak mixed full full-g
       [ "$r" = full-global-clip ] && { cfg=full; extra=(--set optim.grad_clip_per_group=false); }
       run "$DF" train --config "workflows/configs/ssn_$cfg.yaml" --set "name=$n" --set "output.model_name=$n" \
         --set "data.manifest=$ROOT/datasets/magnetic_tile/manifest.parquet" --set "seed=$s" \
-        --set scaling.cpus_per_worker=2 "${extra[@]}"
+        --set "storage.root=$ROOT" --set scaling.cpus_per_worker=2 ${extra[@]+"${extra[@]}"} ${TRAIN_SETS[@]+"${TRAIN_SETS[@]}"}
       keep_report "$n" "$r-seed$s"
       "$PWD/.venv/bin/python" workflows/results/table.py "$OUT" > /dev/null
     done
@@ -130,7 +139,8 @@ mt_synthetic_mix() {  # GMBINet with 10 real masks, without and with 100 synthet
       --set "output.model_name=mt-gmbinet-mixed10-syn$n" \
       --set "data.manifest=$ROOT/datasets/magnetic_tile/manifest.parquet" \
       --set data.regime=mixed --set data.mixed_masks=10 --set 'data.image_size=[128,128]' \
-      --set optim.epochs=30 --set checkpoint.metric=val_iou_pooled "${extra[@]}"
+      --set optim.epochs=30 --set checkpoint.metric=val_iou_pooled ${extra[@]+"${extra[@]}"} \
+      ${TRAIN_SETS[@]+"${TRAIN_SETS[@]}"}
     keep_report "mt-gmbinet-mixed10-syn$n" "syn$n"
   done
   end mt-synthetic-mix

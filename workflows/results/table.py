@@ -15,8 +15,8 @@ import statistics
 import sys
 from pathlib import Path
 
-METRICS = ("test_image_auroc", "test_image_ap", "test_seg_image_auroc", "test_pixel_auroc", "test_pixel_ap",
-           "test_aupro", "test_pixel_f1", "test_seg_recall", "test_pixel_threshold")
+METRICS = ("image_auroc", "image_ap", "seg_image_auroc", "pixel_auroc", "pixel_ap", "aupro", "pixel_f1",
+           "seg_recall", "pixel_threshold")  # the keys of a report's metrics.json (the evaluated split)
 HEADERS = ("image AUROC", "image AP", "seg-image AUROC", "pixel AUROC", "pixel AP", "AUPRO", "pixel F1",
            "Seg_Recall", "pixel threshold")
 
