@@ -65,8 +65,8 @@ def permuted(table: pa.Table, seed: int) -> pa.Table:
     Manifests list images folder by folder, which is class by class (Magnetic Tile's training split is 202
     defective, 666 defect-free, 72 defective images in that order). Read in that order, with only a local shuffle
     buffer of a few batches, every batch holds one class and every epoch ends on the last folder: the model chases
-    whatever it saw last. Training rows are therefore globally permuted once (seeded, so runs repeat); the local
-    shuffle buffer still varies the order from epoch to epoch."""
+    whatever it saw last. Training rows are therefore globally permuted once (seeded, so runs repeat) and read in
+    that order every epoch (see the training loop for why there is no local shuffle buffer on top)."""
     return table.take(np.random.default_rng(seed).permutation(table.num_rows))
 
 
