@@ -181,9 +181,9 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
         step.train()
         sums: dict[str, float] = {}
         n_batches = 0
-        # rows come permuted once per seed (train_data.permuted); no local shuffle buffer on top: Ray Data's
-        # re-copies its whole buffer for every batch, which cost SuperSimpleNet's 0.6 MB feature rows a third of
-        # each epoch. Epochs still differ: flips, synthetic anomalies and dropout draw anew.
+        # rows come permuted once per seed (train_data.permuted) and every epoch reads them in that order, with no
+        # local shuffle buffer on top (it would copy 0.6 MB SuperSimpleNet feature rows around for little gain);
+        # epochs still differ: flips, synthetic anomalies and dropout draw anew.
         for arrays in train_shard.iter_batches(batch_size=o["batch_size"], batch_format="numpy"):
             loss, logs = step(to_batch(arrays, device, gen, hflip=aug["hflip"], vflip=aug["vflip"]))
             opt.zero_grad(set_to_none=True)
