@@ -3,6 +3,8 @@ and the endpoint). A probe detector whose map is the image's red channel shows e
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -37,7 +39,7 @@ def crack(h=200, w=500) -> np.ndarray:
 def test_tiles_cover_the_image_with_the_overlap(length, tile, overlap):
     starts = tile_starts(length, tile, overlap)
     assert starts[0] == 0 and starts[-1] == length - tile
-    assert all(0 < b - a <= tile * (1 - overlap) for a, b in zip(starts, starts[1:], strict=False))
+    assert all(0 < b - a <= tile * (1 - overlap) for a, b in itertools.pairwise(starts))
 
 
 def test_tiling_keeps_a_thin_crack_that_squashing_erases():
