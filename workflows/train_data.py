@@ -25,9 +25,9 @@ TARGET_COLUMNS = ["sample_id", "label", "supervision", "mask_uri", "mask_bytes",
 
 
 def _pixels(batch: pa.Table, image_size: tuple[int, int], max_pixels: int,
-            storage_settings: dict[str, Any]) -> dict[str, np.ndarray]:
+            storage_settings: dict[str, Any], layout: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     storage.configure(**storage_settings)
-    return prepare_rows_checked(batch.to_pylist(), image_size, max_pixels)
+    return prepare_rows_checked(batch.to_pylist(), image_size, max_pixels, **(layout or {}))
 
 
 def _features(batch: pa.Table, lookup_ref: Any, image_size: tuple[int, int], max_pixels: int,
@@ -72,10 +72,21 @@ def from_pixels(table: pa.Table, cfg: TrainConfig) -> dict[str, Any]:
             continue
         ds = ray.data.from_arrow(sub).map_batches(
             _pixels, fn_kwargs={"image_size": (h, w), "max_pixels": cfg.data.max_image_pixels,
-                                "storage_settings": storage.worker_settings()},
+                                "storage_settings": storage.worker_settings(), "layout": layout_options(cfg)},
             batch_size=16, batch_format="pyarrow").filter(expr=col("ok"))
         out[split] = ds.materialize() if sub.num_rows * (4 * h * w + 64) < MATERIALIZE_BYTES else ds
     return out
+
+
+def layout_options(cfg: TrainConfig) -> dict[str, Any]:
+    """How training images meet ``data.image_size``: the model's ``preprocessing.layout`` (squash, letterbox,
+    tile with its overlap and scale), so training sees what inference will."""
+    pre = cfg.model.preprocessing or {}
+    layout = pre.get("layout", "squash")
+    if layout == "tile":
+        return {"layout": "tile", "tile_overlap": pre.get("tile_overlap", 0.25),
+                "tile_scale": pre.get("tile_scale", 1.0)}
+    return {"layout": layout}
 
 
 def from_features(table: pa.Table, cfg: TrainConfig, features_uris: list[str]) -> dict[str, Any]:
@@ -123,6 +134,10 @@ def build(table: pa.Table, cfg: TrainConfig, features_uris: list[str] | None = N
     # rows keep the table's order (not the order in which map tasks finish), so that, with the seeded shuffle and
     # initialisation of the workers, one config and seed trains the same model twice
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    if features_uris is not None and layout_options(cfg)["layout"] != "squash":
+        raise ConfigError(f"the feature cache holds features of squashed images; preprocessing.layout "
+                          f"{layout_options(cfg)['layout']!r} needs them of its tiles or letterboxes",
+                          "train end to end with data.features: null (the cache per tile is not implemented yet)")
     datasets = from_pixels(table, cfg) if features_uris is None else from_features(table, cfg, features_uris)
     for split, ds in datasets.items():
         if type(ds).__name__ != "MaterializedDataset":

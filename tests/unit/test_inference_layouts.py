@@ -71,3 +71,23 @@ def test_tile_options_scale_and_score():
     assert m.shape == (20, 30) and m[5, 5] == pytest.approx(1.0) and s == pytest.approx(1.0)
     s_tiles, _ = infer(probe(layout="tile", tile_score="tiles"), img)
     assert s_tiles == pytest.approx(1.0)
+
+
+def test_training_rows_follow_the_layout(tmp_path):
+    """Training sees what inference will: the same tile grid (labels from each tile's own mask, a tile of a
+    defective image without a mask is unknown-not-normal) or the same letterbox."""
+    from components.data import manifest
+    from components.data.loading import UNKNOWN_NOT_NORMAL, prepare_rows_checked
+    from tests.helpers import procedural_manifest
+
+    rows = manifest.read(procedural_manifest(str(tmp_path / "m.parquet"), count=8, size=96, seed=3,
+                                             defect_fraction=0.5)).to_pylist()
+    defective = next(r for r in rows if r["label"] == 1 and r["supervision"] == "pixel")
+    tiles = prepare_rows_checked([defective], (64, 64), layout="tile", tile_overlap=0.5)
+    assert tiles["image"].shape == (4, 3, 64, 64) and tiles["ok"].all()  # 96 px, tile 64, overlap 0.5: 2 x 2
+    assert list(tiles["sample_id"]) == [f"{defective['sample_id']}#{y},{x}" for y in (0, 32) for x in (0, 32)]
+    assert (tiles["label"] == tiles["mask"].reshape(4, -1).max(axis=1)).all() and tiles["has_mask"].all()
+    weak = {**defective, "supervision": "image"}
+    assert (prepare_rows_checked([weak], (64, 64), layout="tile")["label"] == UNKNOWN_NOT_NORMAL).all()
+    boxed = prepare_rows_checked([defective], (64, 64), layout="letterbox")
+    assert boxed["image"].shape == (1, 3, 64, 64) and boxed["mask"].shape == (1, 1, 64, 64)
