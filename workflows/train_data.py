@@ -131,8 +131,8 @@ def build(table: pa.Table, cfg: TrainConfig, features_uris: list[str] | None = N
     only: counting a streamed one would read it twice)."""
     import ray.data
 
-    # rows keep the table's order (not the order in which map tasks finish), so that, with the seeded shuffle and
-    # initialisation of the workers, one config and seed trains the same model twice
+    # rows keep the table's order, not the order in which map tasks finish (which made two runs of one config
+    # and seed differ); whether the runs are now identical is not yet verified
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     if features_uris is not None and layout_options(cfg)["layout"] != "squash":
         raise ConfigError(f"the feature cache holds features of squashed images; preprocessing.layout "

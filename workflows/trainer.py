@@ -174,6 +174,8 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
     aug = c["data"]["augment"]
     select, mode = c["_select_metric"], c["_select_mode"]
 
+    norm_names = ([g.get("name", str(i)) for i, g in enumerate(opt.param_groups)]  # of the clipped norms
+                  if o["grad_clip_per_group"] else ["all"])
     for epoch in range(start_epoch, o["epochs"]):
         t0 = time.time()
         step.train()
@@ -187,9 +189,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
             loss.backward()
             if o["grad_clip"]:  # the norms before clipping, per epoch: they show which loss drives the steps
                 norms = clip_gradients(opt, step, o["grad_clip"], o["grad_clip_per_group"])
-                names = ([g.get("name", str(i)) for i, g in enumerate(opt.param_groups)]
-                         if o["grad_clip_per_group"] else ["all"])
-                logs = {**logs, **{f"grad_norm_{n}": v for n, v in zip(names, norms, strict=True)}}
+                logs = {**logs, **{f"grad_norm_{n}": v for n, v in zip(norm_names, norms, strict=True)}}
             opt.step()
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
