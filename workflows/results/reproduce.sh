@@ -146,6 +146,28 @@ mt_synthetic_mix() {  # GMBINet with 10 real masks, without and with 100 synthet
   end mt-synthetic-mix
 }
 
+crackforest_layouts() {  # GMBINet on CrackForest's 1-3 px cracks (480x320): squashed to 128x128, at native size,
+  # and on overlapping 128x128 tiles at native resolution (SEEDS, default "0")
+  begin crackforest-layouts
+  run "$DF" ingest --dataset crackforest --root "$DATA/crackforest" --out "$ROOT/datasets/crackforest/manifest.parquet"
+  for s in ${SEEDS:-0}; do
+    for r in squash-128 squash-native tile-128; do
+      n="cf-gmbinet-$r-seed$s"; fresh "$n"
+      case "$r" in
+        squash-128) extra=(--set model.preprocessing.layout=squash) ;;
+        squash-native) extra=(--set model.preprocessing.layout=squash --set 'data.image_size=[320,480]') ;;
+        tile-128) extra=() ;;
+      esac
+      run "$DF" train --config workflows/configs/gmbinet_crackforest_tile.yaml --set "name=$n" \
+        --set "output.model_name=$n" --set "data.manifest=$ROOT/datasets/crackforest/manifest.parquet" \
+        --set "seed=$s" --set "storage.root=$ROOT" "${extra[@]}" ${TRAIN_SETS[@]+"${TRAIN_SETS[@]}"}
+      keep_report "$n" "$r-seed$s"
+    done
+  done
+  "$PWD/.venv/bin/python" workflows/results/table.py "$OUT" | tee -a "$OUT/output.txt"
+  end crackforest-layouts
+}
+
 demo() {
   begin demo
   run "$DF" demo --out ./defectflow-demo
@@ -155,7 +177,7 @@ demo() {
 }
 
 EXPERIMENTS=(sd900 bench-gmbinet bench-supersimplenet bench-synth mt-ssn-seeds mt-synth procedural-ddpm
-             mt-synthetic-mix demo)
+             mt-synthetic-mix crackforest-layouts demo)
 [ $# -gt 0 ] || { echo "usage: $0 all | ${EXPERIMENTS[*]}" >&2; exit 2; }
 [ "$1" = all ] && set -- "${EXPERIMENTS[@]}"
 for e in "$@"; do
