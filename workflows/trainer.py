@@ -182,7 +182,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
         sums: dict[str, float] = {}
         n_batches = 0
         for arrays in train_shard.iter_batches(batch_size=o["batch_size"], batch_format="numpy",
-                                               local_shuffle_buffer_size=max(4 * o["batch_size"], 32),
+                                               local_shuffle_buffer_size=max(8 * o["batch_size"], 64),
                                                local_shuffle_seed=c["seed"] + epoch * 131 + rank):
             loss, logs = step(to_batch(arrays, device, gen, hflip=aug["hflip"], vflip=aug["vflip"]))
             opt.zero_grad(set_to_none=True)

@@ -128,3 +128,19 @@ def test_per_group_clipping_keeps_a_small_head_step_that_a_global_clip_shrinks()
     (total,), small_global = grads(False)
     assert total > 100 and small_global < small_norm / 100  # a global clip scales it down with the big one
 
+
+
+def test_training_rows_are_mixed_not_read_folder_by_folder():
+    import pyarrow as pa
+
+    from workflows.train_data import permuted
+
+    labels = [1] * 200 + [0] * 660 + [1] * 80  # Magnetic Tile's training split, as its manifest lists it
+    table = pa.table({"sample_id": [f"s{i}" for i in range(len(labels))], "label": labels})
+    mixed = permuted(table, seed=0)
+    assert sorted(mixed["sample_id"].to_pylist()) == sorted(table["sample_id"].to_pylist())
+    assert mixed.equals(permuted(table, seed=0)) and not mixed.equals(permuted(table, seed=1))
+    first = mixed["label"].to_pylist()
+    # every window of 8 batches of 8 now holds both classes in about their overall share (30 % defective)
+    shares = [sum(first[i:i + 64]) / 64 for i in range(0, len(first) - 64, 64)]
+    assert all(0.1 < s < 0.5 for s in shares), shares
