@@ -83,12 +83,29 @@ def from_pixels(table: pa.Table, cfg: TrainConfig) -> dict[str, Any]:
             continue
         if split == "train":
             sub = permuted(sub, cfg.seed)
+        layout = layout_options(cfg)
         ds = ray.data.from_arrow(sub).map_batches(
             _pixels, fn_kwargs={"image_size": (h, w), "max_pixels": cfg.data.max_image_pixels,
-                                "storage_settings": storage.worker_settings(), "layout": layout_options(cfg)},
+                                "storage_settings": storage.worker_settings(), "layout": layout},
             batch_size=16, batch_format="pyarrow").filter(expr=col("ok"))
-        out[split] = ds.materialize() if sub.num_rows * (4 * h * w + 64) < MATERIALIZE_BYTES else ds
+        rows = sub.num_rows
+        if layout["layout"] == "tile":
+            rows = tile_count(sub, (h, w), layout["tile_overlap"], layout["tile_scale"])
+            if split == "train":  # an image's tiles come out together: mix them with every other image's
+                ds = ds.random_shuffle(seed=cfg.seed)
+        out[split] = ds.materialize() if rows * (4 * h * w + 64) < MATERIALIZE_BYTES else ds
     return out
+
+
+def tile_count(table: pa.Table, tile: tuple[int, int], overlap: float, scale: float) -> int:
+    """How many training rows the tile layout makes of ``table`` (from the manifest's image sizes)."""
+    from components.inference import tile_starts
+
+    n = 0
+    for hh, ww in zip(table["height"].to_pylist(), table["width"].to_pylist(), strict=True):
+        sh, sw = max(tile[0], round((hh or tile[0]) * scale)), max(tile[1], round((ww or tile[1]) * scale))
+        n += len(tile_starts(sh, tile[0], overlap)) * len(tile_starts(sw, tile[1], overlap))
+    return n
 
 
 def layout_options(cfg: TrainConfig) -> dict[str, Any]:
