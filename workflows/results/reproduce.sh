@@ -3,6 +3,7 @@
 #
 #   workflows/results/reproduce.sh all                 # every experiment below (about 2.5 hours on 2 CPU cores)
 #   workflows/results/reproduce.sh sd900 bench-gmbinet # some of them
+#   APPEND=1 SEEDS="2" workflows/results/reproduce.sh mt-ssn-seeds   # add a seed to a committed experiment
 #
 # Each experiment runs the README's documented commands with `defectflow` into ./defectflow-data (the default
 # storage root), then copies what the README quotes (metrics.json, history.json, bench JSON/Markdown, synthesis
@@ -28,15 +29,16 @@ run() {  # the command line to commands.txt, what the command prints (its result
   echo "+ $*" | tee -a "$OUT/commands.txt"
   "$@" | tee -a "$OUT/output.txt"
 }
-begin() {
-  OUT="$RESULTS/$1"; rm -rf "$OUT"; mkdir -p "$OUT"
+begin() {  # APPEND=1 adds runs (e.g. more SEEDS) to an experiment's folder instead of starting it afresh
+  OUT="$RESULTS/$1"
+  if [ "${APPEND:-0}" != 1 ]; then rm -rf "$OUT"; mkdir -p "$OUT"; : > "$OUT/commands.txt"; : > "$OUT/output.txt"
+  else mkdir -p "$OUT"; fi
   { date -u +"%Y-%m-%dT%H:%M:%SZ"; uname -m; nproc; "$PWD/.venv/bin/python" -c \
     'import torch, ray; print("torch", torch.__version__, "ray", ray.__version__)'; git rev-parse --short HEAD; } \
-    > "$OUT/machine.txt"
-  : > "$OUT/commands.txt"; : > "$OUT/output.txt"
+    >> "$OUT/machine.txt"
   SECONDS=0
 }
-end() { echo "$SECONDS" > "$OUT/seconds.txt"; echo "== $1 done in $SECONDS s -> $OUT"; }
+end() { echo "$SECONDS" >> "$OUT/seconds.txt"; echo "== $1 done in $SECONDS s -> $OUT"; }
 keep_report() {  # <report name> <dest name>: metrics, history and the run's curves/sheet of one train run
   local src="$ROOT/reports/$1" dst="$OUT/$2"; mkdir -p "$dst"
   cp "$src/metrics.json" "$dst/"; [ -f "$src/history.json" ] && cp "$src/history.json" "$dst/"
