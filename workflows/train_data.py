@@ -25,9 +25,9 @@ TARGET_COLUMNS = ["sample_id", "label", "supervision", "mask_uri", "mask_bytes",
 
 
 def _pixels(batch: pa.Table, image_size: tuple[int, int], max_pixels: int,
-            storage_settings: dict[str, Any]) -> dict[str, np.ndarray]:
+            storage_settings: dict[str, Any], layout: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     storage.configure(**storage_settings)
-    return prepare_rows_checked(batch.to_pylist(), image_size, max_pixels)
+    return prepare_rows_checked(batch.to_pylist(), image_size, max_pixels, **(layout or {}))
 
 
 def _features(batch: pa.Table, lookup_ref: Any, image_size: tuple[int, int], max_pixels: int,
@@ -83,12 +83,40 @@ def from_pixels(table: pa.Table, cfg: TrainConfig) -> dict[str, Any]:
             continue
         if split == "train":
             sub = permuted(sub, cfg.seed)
+        layout = layout_options(cfg)
         ds = ray.data.from_arrow(sub).map_batches(
             _pixels, fn_kwargs={"image_size": (h, w), "max_pixels": cfg.data.max_image_pixels,
-                                "storage_settings": storage.worker_settings()},
+                                "storage_settings": storage.worker_settings(), "layout": layout},
             batch_size=16, batch_format="pyarrow").filter(expr=col("ok"))
-        out[split] = ds.materialize() if sub.num_rows * (4 * h * w + 64) < MATERIALIZE_BYTES else ds
+        rows = sub.num_rows
+        if layout["layout"] == "tile":
+            rows = tile_count(sub, (h, w), layout["tile_overlap"], layout["tile_scale"])
+            if split == "train":  # an image's tiles come out together: mix them with every other image's
+                ds = ds.random_shuffle(seed=cfg.seed)
+        out[split] = ds.materialize() if rows * (4 * h * w + 64) < MATERIALIZE_BYTES else ds
     return out
+
+
+def tile_count(table: pa.Table, tile: tuple[int, int], overlap: float, scale: float) -> int:
+    """How many training rows the tile layout makes of ``table`` (from the manifest's image sizes)."""
+    from components.inference import tile_starts
+
+    n = 0
+    for hh, ww in zip(table["height"].to_pylist(), table["width"].to_pylist(), strict=True):
+        sh, sw = max(tile[0], round((hh or tile[0]) * scale)), max(tile[1], round((ww or tile[1]) * scale))
+        n += len(tile_starts(sh, tile[0], overlap)) * len(tile_starts(sw, tile[1], overlap))
+    return n
+
+
+def layout_options(cfg: TrainConfig) -> dict[str, Any]:
+    """How training images meet ``data.image_size``: the model's ``preprocessing.layout`` (squash, letterbox,
+    tile with its overlap and scale), so training sees what inference will."""
+    pre = cfg.model.preprocessing or {}
+    layout = pre.get("layout", "squash")
+    if layout == "tile":
+        return {"layout": "tile", "tile_overlap": pre.get("tile_overlap", 0.25),
+                "tile_scale": pre.get("tile_scale", 1.0)}
+    return {"layout": layout}
 
 
 def from_features(table: pa.Table, cfg: TrainConfig, features_uris: list[str]) -> dict[str, Any]:
@@ -138,6 +166,10 @@ def build(table: pa.Table, cfg: TrainConfig, features_uris: list[str] | None = N
     # rows keep the (seeded, permuted) table's order, not the order in which map tasks finish, which made two
     # runs of one config and seed differ
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    if features_uris is not None and layout_options(cfg)["layout"] != "squash":
+        raise ConfigError(f"the feature cache holds features of squashed images; preprocessing.layout "
+                          f"{layout_options(cfg)['layout']!r} needs them of its tiles or letterboxes",
+                          "train end to end with data.features: null (the cache per tile is not implemented yet)")
     datasets = from_pixels(table, cfg) if features_uris is None else from_features(table, cfg, features_uris)
     for split, ds in datasets.items():
         if type(ds).__name__ != "MaterializedDataset":

@@ -38,13 +38,77 @@ def prepare_target(rec: Mapping[str, Any], image_size: tuple[int, int], shape: t
 
 
 def prepare_row(rec: Mapping[str, Any], image_size: tuple[int, int],
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
-    """One manifest row -> {image uint8 (3,H,W), mask uint8 (1,H,W), label float32, has_mask bool, sample_id}."""
+                max_pixels: int = DEFAULT_MAX_PIXELS, layout: str = "squash") -> dict[str, Any]:
+    """One manifest row -> {image uint8 (3,H,W), mask uint8 (1,H,W), label float32, has_mask bool, sample_id}:
+    resized to ``image_size`` (``squash``) or letterboxed into it (``letterbox``, see :func:`letterbox_arrays`)."""
     img = manifest.load_image(rec, max_pixels=max_pixels)
+    if layout == "letterbox":
+        target = prepare_target(rec, img.shape[:2], shape=img.shape[:2], max_pixels=max_pixels)
+        img, m = letterbox_arrays(img, target["mask"][0], image_size)
+        target["mask"] = m[None]
+        return {"sample_id": rec["sample_id"],
+                "image": (np.clip(img, 0, 1) * 255.0 + 0.5).astype(np.uint8).transpose(2, 0, 1), **target}
     target = prepare_target(rec, image_size, shape=img.shape[:2], max_pixels=max_pixels)
     img = resize_image(img, image_size)
     return {"sample_id": rec["sample_id"],
             "image": (np.clip(img, 0, 1) * 255.0 + 0.5).astype(np.uint8).transpose(2, 0, 1), **target}
+
+
+UNKNOWN_NOT_NORMAL = -2.0  # a tile of a defective image without a mask: may hold the defect, never assume normal
+
+
+def letterbox_arrays(img: np.ndarray, mask: np.ndarray | None, size: tuple[int, int]
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The longer side resized to fit ``size``, the image padded by repeating its border and the mask with zeros
+    (as :func:`components.inference` does at inference)."""
+    h, w = img.shape[:2]
+    th, tw = size
+    s = min(th / h, tw / w)
+    rh, rw = max(1, min(th, round(h * s))), max(1, min(tw, round(w * s)))
+    img = np.pad(resize_image(img, (rh, rw)), ((0, th - rh), (0, tw - rw), (0, 0)), mode="edge")
+    if mask is not None:
+        mask = np.pad(resize_mask(mask, (rh, rw)), ((0, th - rh), (0, tw - rw)))
+    return img, mask
+
+
+def tile_rows(rec: Mapping[str, Any], tile: tuple[int, int], overlap: float, scale: float,
+              max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict[str, Any]]:
+    """One manifest row -> its overlapping tiles at ``scale`` x native resolution (the inference grid of
+    :func:`components.inference.tile_starts`), each a training row ``<sample_id>#<y>,<x>``. A tile's label comes
+    from its own mask when the mask is known; a tile of a defect-free image is normal; a tile of a defective image
+    without a mask is ``UNKNOWN_NOT_NORMAL``, and of an unlabelled one -1."""
+    from components.inference import tile_starts
+
+    img = manifest.load_image(rec, max_pixels=max_pixels)
+    target = prepare_target(rec, img.shape[:2], shape=img.shape[:2], max_pixels=max_pixels)
+    mask = target["mask"][0] if target["has_mask"] else None
+    h, w = img.shape[:2]
+    sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+    if (sh, sw) != (h, w):
+        img = resize_image(img, (sh, sw))
+        mask = resize_mask(mask, (sh, sw)) if mask is not None else None
+    th, tw = tile
+    ph, pw = max(0, th - sh), max(0, tw - sw)
+    if ph or pw:
+        img = np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="reflect" if min(sh, sw) > 1 else "edge")
+        mask = np.pad(mask, ((0, ph), (0, pw))) if mask is not None else None
+    image_label = float(target["label"])
+    out = []
+    for y in tile_starts(img.shape[0], th, overlap):
+        for x in tile_starts(img.shape[1], tw, overlap):
+            m = mask[y:y + th, x:x + tw] if mask is not None else None
+            if m is not None:
+                label = float(m.any())
+            elif image_label == 0.0:
+                label = 0.0
+            else:
+                label = UNKNOWN_NOT_NORMAL if image_label == 1.0 else -1.0
+            out.append({"sample_id": f"{rec['sample_id']}#{y},{x}",
+                        "image": (np.clip(img[y:y + th, x:x + tw], 0, 1) * 255.0 + 0.5).astype(np.uint8)
+                        .transpose(2, 0, 1),
+                        "mask": (m if m is not None else np.zeros((th, tw), np.uint8))[None].astype(np.uint8),
+                        "label": np.float32(label), "has_mask": m is not None})
+    return out
 
 
 def prepare_rows(rows: Sequence[Mapping[str, Any]], image_size: tuple[int, int],
@@ -64,14 +128,21 @@ def _columns(out: list[dict[str, Any]], image_size: tuple[int, int]) -> dict[str
 
 
 def prepare_rows_checked(rows: Sequence[Mapping[str, Any]], image_size: tuple[int, int],
-                         max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+                         max_pixels: int = DEFAULT_MAX_PIXELS, layout: str = "squash", tile_overlap: float = 0.25,
+                         tile_scale: float = 1.0) -> dict[str, np.ndarray]:
     """:func:`prepare_rows` plus a boolean ``ok`` column: a row whose image or mask cannot be read is logged and
     kept as an all-zero placeholder with ``ok`` False, for the caller to filter out. One bad file never costs a
-    training run, and a batch never comes out empty (Ray Data cannot type a zero-row tensor column)."""
+    training run, and a batch never comes out empty (Ray Data cannot type a zero-row tensor column).
+    ``layout`` ``tile``: every row becomes its tiles (:func:`tile_rows`), so a batch out may be longer than in."""
     out, ok = [], []
     for r in rows:
         try:
-            out.append(prepare_row(r, image_size, max_pixels))
+            if layout == "tile":
+                tiles = tile_rows(r, image_size, tile_overlap, tile_scale, max_pixels)
+                out.extend(tiles)
+                ok.extend([True] * len(tiles))
+                continue
+            out.append(prepare_row(r, image_size, max_pixels, layout))
             ok.append(True)
         except DataError as e:
             log.warning("skipping %s: %s", r.get("sample_id"), e.message)

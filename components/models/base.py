@@ -9,7 +9,7 @@ beside the module in the family's ``loss.py``/``objective``, never inside ``forw
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,17 @@ class Preprocessing(BaseModel):
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     scale_by_max: bool = Field(False, description="divide each image by its own max first (GMBINet authors)")
     grayscale: bool = Field(False, description="average RGB to one channel replicated 3x before normalising")
+
+    layout: Literal["squash", "letterbox", "tile"] = Field(
+        "squash", description="how an image of another size meets input_size: squash (resize to it, the aspect "
+                              "ratio is lost), letterbox (resize the longer side to fit, pad the rest, crop the "
+                              "map back), tile (overlapping input_size tiles at tile_scale x native resolution, "
+                              "maps stitched back): for thin defects on large or elongated images")
+    tile_overlap: float = Field(0.25, ge=0, le=0.75, description="tile: share of a tile shared with its neighbour")
+    tile_scale: float = Field(1.0, gt=0, le=4, description="tile: resize the image by this factor before tiling")
+    tile_score: Literal["map", "tiles"] = Field(
+        "map", description="tile: the image score from the stitched map (the postprocessing reduction) or the "
+                           "highest tile score (families with a classification head)")
 
     @field_validator("input_size")
     @classmethod

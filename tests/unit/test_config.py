@@ -80,6 +80,8 @@ def test_ready_configs_validate():
     configs = Path(__file__).resolve().parents[2] / "workflows" / "configs"
     assert cfgmod.load(TrainConfig, str(configs / "gmbinet_procedural.yaml")).model.family == "gmbinet"
     assert cfgmod.load(TrainConfig, str(configs / "gmbinet_sd900.yaml")).optim.lr_schedule == "cosine"
+    tiles = cfgmod.load(TrainConfig, str(configs / "gmbinet_crackforest_tile.yaml"))
+    assert tiles.model.preprocessing == {"layout": "tile", "tile_overlap": 0.25, "tile_scale": 1.0}
     assert cfgmod.load(IngestConfig, str(configs / "ingest_sd900.yaml")).dataset == "sd_saliency_900"
     assert cfgmod.load(SweepConfig, str(configs / "sweep_gmbinet_procedural.yaml")).metric == "val_iou_pooled"
 

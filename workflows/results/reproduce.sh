@@ -3,6 +3,7 @@
 #
 #   workflows/results/reproduce.sh all                 # every experiment below (about 2.5 hours on 2 CPU cores)
 #   workflows/results/reproduce.sh sd900 bench-gmbinet # some of them
+#   APPEND=1 SEEDS="2" workflows/results/reproduce.sh mt-ssn-seeds   # add a seed to a committed experiment
 #
 # Each experiment runs the README's documented commands with `defectflow` into ./defectflow-data (the default
 # storage root), then copies what the README quotes (metrics.json, history.json, bench JSON/Markdown, synthesis
@@ -28,15 +29,16 @@ run() {  # the command line to commands.txt, what the command prints (its result
   echo "+ $*" | tee -a "$OUT/commands.txt"
   "$@" | tee -a "$OUT/output.txt"
 }
-begin() {
-  OUT="$RESULTS/$1"; rm -rf "$OUT"; mkdir -p "$OUT"
+begin() {  # APPEND=1 adds runs (e.g. more SEEDS) to an experiment's folder instead of starting it afresh
+  OUT="$RESULTS/$1"
+  if [ "${APPEND:-0}" != 1 ]; then rm -rf "$OUT"; mkdir -p "$OUT"; : > "$OUT/commands.txt"; : > "$OUT/output.txt"
+  else mkdir -p "$OUT"; fi
   { date -u +"%Y-%m-%dT%H:%M:%SZ"; uname -m; nproc; "$PWD/.venv/bin/python" -c \
     'import torch, ray; print("torch", torch.__version__, "ray", ray.__version__)'; git rev-parse --short HEAD; } \
-    > "$OUT/machine.txt"
-  : > "$OUT/commands.txt"; : > "$OUT/output.txt"
+    >> "$OUT/machine.txt"
   SECONDS=0
 }
-end() { echo "$SECONDS" > "$OUT/seconds.txt"; echo "== $1 done in $SECONDS s -> $OUT"; }
+end() { echo "$SECONDS" >> "$OUT/seconds.txt"; echo "== $1 done in $SECONDS s -> $OUT"; }
 keep_report() {  # <report name> <dest name>: metrics, history and the run's curves/sheet of one train run
   local src="$ROOT/reports/$1" dst="$OUT/$2"; mkdir -p "$dst"
   cp "$src/metrics.json" "$dst/"; [ -f "$src/history.json" ] && cp "$src/history.json" "$dst/"
@@ -144,6 +146,28 @@ mt_synthetic_mix() {  # GMBINet with 10 real masks, without and with 100 synthet
   end mt-synthetic-mix
 }
 
+crackforest_layouts() {  # GMBINet on CrackForest's 1-3 px cracks (480x320): squashed to 128x128, at native size,
+  # and on overlapping 128x128 tiles at native resolution (SEEDS, default "0")
+  begin crackforest-layouts
+  run "$DF" ingest --dataset crackforest --root "$DATA/crackforest" --out "$ROOT/datasets/crackforest/manifest.parquet"
+  for s in ${SEEDS:-0}; do
+    for r in squash-128 squash-native tile-128; do
+      n="cf-gmbinet-$r-seed$s"; fresh "$n"
+      case "$r" in
+        squash-128) extra=(--set model.preprocessing.layout=squash) ;;
+        squash-native) extra=(--set model.preprocessing.layout=squash --set 'data.image_size=[320,480]') ;;
+        tile-128) extra=() ;;
+      esac
+      run "$DF" train --config workflows/configs/gmbinet_crackforest_tile.yaml --set "name=$n" \
+        --set "output.model_name=$n" --set "data.manifest=$ROOT/datasets/crackforest/manifest.parquet" \
+        --set "seed=$s" --set "storage.root=$ROOT" "${extra[@]}" ${TRAIN_SETS[@]+"${TRAIN_SETS[@]}"}
+      keep_report "$n" "$r-seed$s"
+    done
+  done
+  "$PWD/.venv/bin/python" workflows/results/table.py "$OUT" | tee -a "$OUT/output.txt"
+  end crackforest-layouts
+}
+
 demo() {
   begin demo
   run "$DF" demo --out ./defectflow-demo
@@ -153,7 +177,7 @@ demo() {
 }
 
 EXPERIMENTS=(sd900 bench-gmbinet bench-supersimplenet bench-synth mt-ssn-seeds mt-synth procedural-ddpm
-             mt-synthetic-mix demo)
+             mt-synthetic-mix crackforest-layouts demo)
 [ $# -gt 0 ] || { echo "usage: $0 all | ${EXPERIMENTS[*]}" >&2; exit 2; }
 [ "$1" = all ] && set -- "${EXPERIMENTS[@]}"
 for e in "$@"; do

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 METRICS = ("image_auroc", "image_ap", "seg_image_auroc", "pixel_auroc", "pixel_ap", "aupro", "pixel_f1",
-           "seg_recall", "pixel_threshold")  # the keys of a report's metrics.json (the evaluated split)
+           "pixel_f1_max", "iou", "seg_recall", "pixel_threshold")  # keys of a report's metrics.json (evaluated split)
 HEADERS = ("image AUROC", "image AP", "seg-image AUROC", "pixel AUROC", "pixel AP", "AUPRO", "pixel F1",
-           "Seg_Recall", "pixel threshold")
+           "pixel F1-max", "IoU", "Seg_Recall", "pixel threshold")
 
 
 def collect(exp: Path) -> dict[str, dict[str, list[float]]]:
@@ -52,9 +52,10 @@ def main(exp_dir: str) -> int:
         return 2
     known = ("unsupervised", "weak", "mixed", "full")
     order = [r for r in known if r in rows] + sorted(set(rows) - set(known))
-    lines = ["| run | seeds | " + " | ".join(HEADERS) + " |", "|---|---|" + "---|" * len(HEADERS)]
+    cols = [(k, h) for k, h in zip(METRICS, HEADERS, strict=True) if any(rows[r].get(k) for r in order)]
+    lines = ["| run | seeds | " + " | ".join(h for _, h in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for r in order:
-        lines.append(f"| {r} | {len(rows[r]['seeds'])} | " + " | ".join(cell(rows[r].get(k, [])) for k in METRICS)
+        lines.append(f"| {r} | {len(rows[r]['seeds'])} | " + " | ".join(cell(rows[r].get(k, [])) for k, _ in cols)
                      + " |")
     (exp / "table.md").write_text("\n".join(lines) + "\n")
     summary = {r: {k: ({"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,

@@ -198,8 +198,8 @@ class SuperSimpleNetObjective(Objective):
         gt = feature_masks(batch.masks.to(feats.device), size, p.dilate) * has_mask.view(-1, 1, 1, 1)
         # a mask settles an unknown label; an unknown label without a mask is normal under the unsupervised premise
         labels = torch.where(has_mask & (labels < 0), gt.flatten(1).amax(dim=1), labels)
-        if p.unlabelled == "normal":
-            labels = torch.where(labels < 0, torch.zeros_like(labels), labels)
+        if p.unlabelled == "normal":  # -1 only: -2 marks a tile of a defective image (unknown, never normal)
+            labels = torch.where(labels == -1, torch.zeros_like(labels), labels)
         seg_ok = has_mask | (labels == 0)
 
         noise_std = p.noise_std * float(feats.detach().std()) if p.noise_relative else p.noise_std
