@@ -80,6 +80,9 @@ def test_ready_configs_validate():
     configs = Path(__file__).resolve().parents[2] / "workflows" / "configs"
     assert cfgmod.load(TrainConfig, str(configs / "gmbinet_procedural.yaml")).model.family == "gmbinet"
     assert cfgmod.load(TrainConfig, str(configs / "gmbinet_sd900.yaml")).optim.lr_schedule == "cosine"
+    paper = cfgmod.load(TrainConfig, str(configs / "gmbinet_sd900_paper.yaml"))  # the authors' released recipe
+    assert (paper.data.image_size, paper.optim.batch_size, paper.optim.epochs, paper.optim.lr_schedule,
+            paper.data.augment.hflip) == ((512, 512), 32, 800, "none", False)
     assert cfgmod.load(IngestConfig, str(configs / "ingest_sd900.yaml")).dataset == "sd_saliency_900"
     assert cfgmod.load(SweepConfig, str(configs / "sweep_gmbinet_procedural.yaml")).metric == "val_iou_pooled"
 
