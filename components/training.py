@@ -81,7 +81,7 @@ class OneCycle:
 
     def __init__(self, epochs: int, warmup_fraction: float = 0.1):
         self.epochs = max(int(epochs), 1)
-        self.warmup = max(int(round(warmup_fraction * self.epochs)), 0)
+        self.warmup = max(round(warmup_fraction * self.epochs), 0)
 
     def __call__(self, epoch: int) -> float:
         if epoch < self.warmup:

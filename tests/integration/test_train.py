@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,7 +65,7 @@ def test_rerun_resumes_from_last_checkpoint(ray_session, tmp_path, local_manifes
     last = max(glob.glob(str(tmp_path / "store" / "runs" / "resume" / "checkpoint_*")))
     averaged, raw = (load_file(os.path.join(last, f)) for f in ("model.safetensors", "train.safetensors"))
     assert averaged.keys() == raw.keys() and any(not torch.equal(averaged[k], raw[k]) for k in raw)
-    assert json.loads(open(os.path.join(last, "state.json")).read())["ema_updates"] > 0
+    assert json.loads(Path(last, "state.json").read_text())["ema_updates"] > 0
     # the first run's epoch-1 checkpoint was reused, not retrained: three epochs in all, two registered versions
     assert catalog.Layout(root).versions("gmbinet") == ["1", "2"]
 

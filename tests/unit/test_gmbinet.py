@@ -204,7 +204,7 @@ def test_soft_iou_term_is_the_iou_of_binary_maps():
     dice = float(soft_dice_loss(pred, target))
     assert 1 - float(soft_iou_loss(pred, target)) == pytest.approx((1 - dice) / (1 + dice), abs=1e-4)  # J = D/(2-D)
     det = GMBINetDetector(GMBINetParams(), _pre((64, 64))).train()
-    loss, logs = GMBINetObjective(GMBINetLossParams(iou_weight=2.0))(det, _square_batch())
+    _, logs = GMBINetObjective(GMBINetLossParams(iou_weight=2.0))(det, _square_batch())
     assert logs["loss"] == pytest.approx(logs["bce"] + logs["dice"] + 2.0 * logs["iou"], rel=1e-5)
     assert 0 < logs["iou"] <= 5.0  # five side outputs, each in [0, 1]
 
