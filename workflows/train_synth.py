@@ -243,8 +243,10 @@ def run(cfg: SynthTrainConfig) -> SynthTrainResult:
     init_ray(cfg.ray, cfg.storage)
     use_gpu = resolve_use_gpu(cfg.scaling)
     check_train_resources(cfg.scaling, use_gpu)
-    ds = ray.data.from_items([{"crop": c, "mask": m, "defect_class": k}
-                              for c, m, k in zip(data["crop"], data["mask"], data["defect_class"], strict=True)])
+    rows = [{"crop": c, "mask": m, "defect_class": k}
+            for c, m, k in zip(data["crop"], data["mask"], data["defect_class"], strict=True)]
+    order = np.random.default_rng(cfg.seed).permutation(len(rows))  # crops come class by class: mix them
+    ds = ray.data.from_items([rows[i] for i in order])
     ds = ds.materialize()
     train_data.quiet_progress()
     sink = trainer.progress_sink()

@@ -156,4 +156,15 @@ def test_export_and_mixing_into_training(ray_session, source, tmp_path):
     assert len(uris) == 2 and uris[0] != uris[1]
     train_rows = table.filter(pc.equal(table["split"], "train"))
     assert int(pc.sum(pc.equal(train_rows["source"], "synthetic")).as_py()) == 8
-    assert train_data.build(table, ssn, uris)["train"].count() == train_rows.num_rows
+    built = train_data.build(table, ssn, uris)["train"]
+    assert built.count() == train_rows.num_rows
+    # training rows come globally mixed (the manifest lists them folder by folder, the synthetic ones last), in
+    # the same order for the same seed, by the cached-feature path and the pixel path alike
+    listed = train_rows["sample_id"].to_pylist()
+    order = built.select_columns(["sample_id"]).to_pandas()["sample_id"].tolist()
+    assert sorted(order) == sorted(listed) and order != listed
+    assert order == train_data.build(table, ssn, uris)["train"].select_columns(["sample_id"]).to_pandas()[
+        "sample_id"].tolist()
+    pixels = train_data.build(table, train_config(root, man, name="x"))["train"]
+    pixel_order = pixels.select_columns(["sample_id"]).to_pandas()["sample_id"].tolist()
+    assert sorted(pixel_order) == sorted(listed) and pixel_order != listed

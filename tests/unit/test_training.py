@@ -229,3 +229,17 @@ def test_pixel_augmentations_are_refused_for_cached_features():
     DataSettings(manifest="m.parquet", features="auto", augment={"rot90": True})
     with pytest.raises(ValidationError, match=r"data\.features: null"):
         DataSettings(manifest="m.parquet", features="auto", augment={"brightness": 0.1})
+def test_training_rows_are_mixed_not_read_folder_by_folder():
+    import pyarrow as pa
+
+    from workflows.train_data import permuted
+
+    labels = [1] * 200 + [0] * 660 + [1] * 80  # Magnetic Tile's training split, as its manifest lists it
+    table = pa.table({"sample_id": [f"s{i}" for i in range(len(labels))], "label": labels})
+    mixed = permuted(table, seed=0)
+    assert sorted(mixed["sample_id"].to_pylist()) == sorted(table["sample_id"].to_pylist())
+    assert mixed.equals(permuted(table, seed=0)) and not mixed.equals(permuted(table, seed=1))
+    first = mixed["label"].to_pylist()
+    # every window of 8 batches of 8 now holds both classes in about their overall share (30 % defective)
+    shares = [sum(first[i:i + 64]) / 64 for i in range(0, len(first) - 64, 64)]
+    assert all(0.1 < s < 0.5 for s in shares), shares

@@ -64,6 +64,7 @@ class SuperSimpleNetLossParams(BaseModel):
     dt_weight: tuple[float, float] | None = Field(None, description="(w, p): weight defect pixels by "
                                                                      "w * (d / max d)^p per connected component "
                                                                      "(the authors use (3, 2) supervised)")
+    cls_weight: float = Field(1.0, gt=0, description="weight of L_cls in L_seg + w * L_cls (1 in the paper)")
     unlabelled: Literal["normal", "ignore"] = Field("normal", description="rows with label -1 and no mask: "
                                                                           "assume defect-free, or leave unknown")
     adaptor_lr_scale: float = Field(0.5, gt=0, description="adaptor lr = scale x optim.lr (paper: 1e-4 vs 2e-4)")
@@ -226,7 +227,7 @@ class SuperSimpleNetObjective(Objective):
             cls_loss = sigmoid_focal_loss(cls[known], syn.labels[known], p.focal_gamma, reduction="mean")
         else:
             cls_loss = 0.0 * cls.sum()
-        loss = seg_loss + cls_loss
+        loss = seg_loss + p.cls_weight * cls_loss
         return loss, {"loss": float(loss.detach()), "seg": float(seg_loss.detach()), "cls": float(cls_loss.detach())}
 
     def param_groups(self, detector: SuperSimpleNetDetector, lr: float, weight_decay: float) -> list[dict[str, Any]]:
