@@ -121,8 +121,19 @@ class SyntheticMix(Strict):
 
 
 class AugmentConfig(Strict):
+    """Per-sample training augmentation, drawn from the run's seeded generator. Flips and 90-degree rotations also
+    apply to cached features (approximately: convolutions are not flip/rotation-equivariant); the photometric and
+    scale changes need pixels, so a run from cached features refuses them."""
+
     hflip: bool = True
     vflip: bool = True
+    rot90: bool = Field(False, description="rotate by a random multiple of 90 degrees (180 only when not square)")
+    brightness: float = Field(0.0, ge=0, le=1, description="add U(-b, b) to the [0, 1] image")
+    contrast: float = Field(0.0, ge=0, lt=1, description="scale deviations from the image mean by U(1-c, 1+c)")
+    scale_jitter: float = Field(0.0, ge=0, le=1, description="zoom in by U(1, 1+s): a random crop resized back")
+
+    def photometric(self) -> bool:
+        return bool(self.brightness or self.contrast or self.scale_jitter)
 
 
 class FeatureSettings(Strict):
@@ -162,6 +173,14 @@ class DataSettings(Strict):
         return v
 
     @model_validator(mode="after")
+    def _pixel_augment(self) -> DataSettings:
+        if self.features is not None and self.augment.photometric():
+            raise ValueError("data.augment brightness, contrast and scale_jitter change pixels, but with data.features "
+                             "the model trains from features cached from unchanged images: set data.features: null "
+                             "or turn them off (flips and rot90 work on cached features)")
+        return self
+
+    @model_validator(mode="after")
     def _mixed(self) -> DataSettings:
         if self.regime == "mixed" and self.mixed_masks is None:
             raise ValueError("regime 'mixed' needs data.mixed_masks (an int N or a fraction in (0, 1])")
@@ -181,7 +200,16 @@ class OptimSettings(Strict):
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(8, ge=1, description="per worker")
     epochs: int = Field(10, ge=1)
-    lr_schedule: Literal["none", "cosine", "multistep"] = "none"
+    lr_schedule: Literal["none", "cosine", "multistep", "onecycle", "cosine_restarts"] = Field(
+        "none", description="per-epoch LR schedule: onecycle = linear warm-up over warmup_fraction of the epochs from "
+                            "lr/25, then cosine to lr/1e4; cosine_restarts = cosine over restart_epochs, each cycle "
+                            "restart_mult times longer")
+    warmup_fraction: float = Field(0.1, ge=0, lt=1, description="onecycle: share of the epochs spent warming up")
+    restart_epochs: int = Field(10, ge=1, description="cosine_restarts: length of the first cycle")
+    restart_mult: int = Field(2, ge=1, description="cosine_restarts: growth of each next cycle")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an exponential moving average of the "
+                                                                  "weights (e.g. 0.999); validation, checkpoints "
+                                                                  "and the artifact use it (off: null)")
     milestones: list[float] = Field([0.8, 0.9], description="multistep: fractions of the epochs")
     gamma: float = Field(0.4, gt=0, le=1, description="multistep: LR factor at each milestone")
     grad_clip: float | None = Field(None, gt=0, description="clip gradient norms to this value (off: null)")

@@ -5,8 +5,10 @@ inside Ray Train workers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,10 +64,35 @@ def make_scheduler(opt: torch.optim.Optimizer, optim: dict[str, Any]) -> Any:
     if optim["lr_schedule"] == "multistep":
         marks = sorted({max(1, round(m * optim["epochs"])) for m in optim["milestones"]})
         return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=marks, gamma=optim["gamma"])
+    if optim["lr_schedule"] == "onecycle":
+        return torch.optim.lr_scheduler.LambdaLR(opt, OneCycle(optim["epochs"], optim.get("warmup_fraction", 0.1)))
+    if optim["lr_schedule"] == "cosine_restarts":
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=optim.get("restart_epochs", 10),
+                                                                    T_mult=optim.get("restart_mult", 2))
     return None
 
 
-SCHEDULER_STATE = ("last_epoch", "_step_count", "_last_lr", "base_lrs")  # all an epoch schedule needs to resume
+class OneCycle:
+    """LR factor of epoch ``e`` for a one-cycle schedule stepped per epoch: linear warm-up from 1/25 to 1 over
+    ``warmup_fraction`` of the epochs, then cosine down to 1e-4 at the last epoch (Smith's one-cycle, the defaults
+    of torch's ``OneCycleLR``). A class, not a lambda, so the schedule is rebuilt from the config on resume."""
+
+    START, END = 1.0 / 25.0, 1e-4
+
+    def __init__(self, epochs: int, warmup_fraction: float = 0.1):
+        self.epochs = max(int(epochs), 1)
+        self.warmup = max(round(warmup_fraction * self.epochs), 0)
+
+    def __call__(self, epoch: int) -> float:
+        if epoch < self.warmup:
+            return self.START + (1.0 - self.START) * epoch / self.warmup
+        span = max(self.epochs - 1 - self.warmup, 1)
+        t = min(max(epoch - self.warmup, 0) / span, 1.0)
+        return self.END + (1.0 - self.END) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+# all an epoch schedule needs to resume (T_cur, T_i: where a warm-restart schedule is in its cycle)
+SCHEDULER_STATE = ("last_epoch", "_step_count", "_last_lr", "base_lrs", "T_cur", "T_i")
 
 
 def optimizer_state(opt: torch.optim.Optimizer, sched: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -80,7 +107,8 @@ def optimizer_state(opt: torch.optim.Optimizer, sched: Any = None) -> tuple[dict
                 tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{idx}.{name}"] = value
-    schedule = {k: getattr(sched, k) for k in SCHEDULER_STATE} if sched is not None else None
+    schedule = ({k: getattr(sched, k) for k in SCHEDULER_STATE if hasattr(sched, k)} if sched is not None
+                else None)
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars, "scheduler": schedule}
 
 
@@ -162,3 +190,48 @@ class ValidationMeter:
             out["val_mae"] = sum(r.mae for r in masked) / len(masked)
             out["val_iou_pooled"] = pooled_iou([(r.tp, r.fp, r.fn) for r in masked])
         return out
+
+
+class WeightAverage:
+    """Exponential moving average of a module's weights (Polyak averaging; timm's ``ModelEmaV2``): every
+    floating-point entry of the state dict (parameters and BatchNorm statistics) follows
+    ``avg <- d * avg + (1 - d) * current``, integer entries are copied. The decay warms up as ``(1 + t) / (10 + t)``
+    (TensorFlow's ``num_updates``), so the first steps do not drag the average back to the random initialisation.
+
+    The average is what a short schedule's noisy last epochs lack: it is validated, checkpointed and published
+    instead of the raw weights, which keep training."""
+
+    def __init__(self, module: nn.Module, decay: float, updates: int = 0):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.updates = int(updates)
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        self.updates += 1
+        d = self.current_decay()
+        for k, v in module.state_dict().items():
+            s = self.shadow[k]
+            if v.dtype.is_floating_point:
+                s.lerp_(v.detach(), 1.0 - d)
+            else:
+                s.copy_(v)
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        for k, v in state.items():
+            self.shadow[k].copy_(v)
+
+    @contextlib.contextmanager
+    def applied(self, module: nn.Module):
+        """Run the block with the averaged weights in ``module``; the raw weights come back afterwards."""
+        backup = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        module.load_state_dict(self.shadow)
+        try:
+            yield module
+        finally:
+            module.load_state_dict(backup)

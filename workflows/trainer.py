@@ -29,7 +29,8 @@ from components.models import registry
 
 log = logging.getLogger("defectflow.train")
 
-CKPT_WEIGHTS = "model.safetensors"
+CKPT_WEIGHTS = "model.safetensors"  # what the artifact gets: the EMA weights when optim.ema_decay is set
+CKPT_TRAIN_WEIGHTS = "train.safetensors"  # with EMA only: the raw weights training resumes from
 CKPT_OPTIM = "optimizer.safetensors"
 CKPT_OPTIM_META = "optimizer.json"
 CKPT_STATE = "state.json"
@@ -131,6 +132,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
     from components.data.loading import to_batch
     from components.training import (
         TrainStep,
+        WeightAverage,
         clip_gradients,
         make_optimizer,
         make_scheduler,
@@ -146,7 +148,10 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
     objective = registry.create_objective(c["model"]["family"], c["loss"])
     fingerprint = model_fingerprint(c)
 
-    start_epoch, best, history, optim_state = 0, None, [], None
+    o = c["optim"]
+    start_epoch, best, history, optim_state, ema = 0, None, [], None, None
+    if o.get("ema_decay"):
+        ema = WeightAverage(detector, o["ema_decay"])
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -154,13 +159,18 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
             if state.get("fingerprint") != fingerprint:
                 raise WeightsError(f"run {c['name']!r} has checkpoints of a different model/preprocessing",
                                    "choose a new run name (name: ...) or restore the original model settings")
-            detector.load_state_dict(_tensors(d, CKPT_WEIGHTS))
+            saved = _tensors(d, CKPT_WEIGHTS)
+            raw = os.path.join(d, CKPT_TRAIN_WEIGHTS)
+            detector.load_state_dict(_tensors(d, CKPT_TRAIN_WEIGHTS) if os.path.exists(raw) else saved)
+            if ema is not None:
+                ema = WeightAverage(detector, o["ema_decay"], updates=state.get("ema_updates", 0))
+                if os.path.exists(raw):
+                    ema.load(saved)
             optim_state = read_optimizer(d)
         start_epoch, best, history = int(state["epoch"]) + 1, state.get("best"), state.get("history", [])
 
     step = prepare_model(TrainStep(detector, objective))
     device = get_device()
-    o = c["optim"]
     opt = make_optimizer(objective.param_groups(detector, o["lr"], o["weight_decay"]), o)
     sched = make_scheduler(opt, o)
     if optim_state is not None:
@@ -185,20 +195,23 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
         # local shuffle buffer on top (it would copy 0.6 MB SuperSimpleNet feature rows around for little gain);
         # epochs still differ: flips, synthetic anomalies and dropout draw anew.
         for arrays in train_shard.iter_batches(batch_size=o["batch_size"], batch_format="numpy"):
-            loss, logs = step(to_batch(arrays, device, gen, hflip=aug["hflip"], vflip=aug["vflip"]))
+            loss, logs = step(to_batch(arrays, device, gen, augment=aug))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if o["grad_clip"]:  # the norms before clipping, per epoch: they show which loss drives the steps
                 norms = clip_gradients(opt, step, o["grad_clip"], o["grad_clip_per_group"])
                 logs = {**logs, **{f"grad_norm_{n}": v for n, v in zip(norm_names, norms, strict=True)}}
             opt.step()
+            if ema is not None:
+                ema.update(detector)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n_batches += 1
         if sched is not None:
             sched.step()
         metrics: dict[str, Any] = {f"train_{k}": v / max(n_batches, 1) for k, v in sums.items()}
-        metrics.update(_validate(objective, detector, val_shard, device, c, rank))
+        with ema.applied(detector) if ema is not None else contextlib.nullcontext():
+            metrics.update(_validate(objective, detector, val_shard, device, c, rank))
         metrics.update({"epoch": epoch + 1, "epoch_time_s": round(time.time() - t0, 3),
                         "lr": opt.param_groups[0]["lr"]})
         window = smoothing_window(select)
@@ -213,11 +226,15 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                save_file({k: v.detach().cpu().contiguous() for k, v in detector.state_dict().items()},
+                weights = ema.shadow if ema is not None else detector.state_dict()
+                save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
                           os.path.join(d, CKPT_WEIGHTS))
+                if ema is not None:
+                    save_file({k: v.detach().cpu().contiguous() for k, v in detector.state_dict().items()},
+                              os.path.join(d, CKPT_TRAIN_WEIGHTS))
                 save_optimizer(d, opt, sched)
                 write_state(d, {"epoch": epoch, "best": best, "select": select, "fingerprint": fingerprint,
-                                "history": history})
+                                "history": history, "ema_updates": ema.updates if ema is not None else 0})
                 checkpoint = Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
     return {"epochs": o["epochs"], "best": best}

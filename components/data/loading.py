@@ -152,11 +152,12 @@ def prepare_rows_checked(rows: Sequence[Mapping[str, Any]], image_size: tuple[in
     return {**_columns(out, image_size), "ok": np.array(ok, bool)}
 
 
-def to_batch(arrays: Mapping[str, Any], device: Any = "cpu", generator: Any = None, hflip: bool = False,
-             vflip: bool = False) -> Any:
+def to_batch(arrays: Mapping[str, Any], device: Any = "cpu", generator: Any = None,
+             augment: Mapping[str, Any] | None = None) -> Any:
     """Arrays/tensors from a data loader -> a :class:`~components.models.base.Batch` of float tensors.
 
-    Flips are applied per sample to image and mask together (seeded by ``generator``).
+    ``augment`` (the ``data.augment`` section as a dict) is applied per sample to image, mask and cached features
+    together, drawn from ``generator`` (see :func:`augment_batch`).
     """
     import torch
 
@@ -176,18 +177,63 @@ def to_batch(arrays: Mapping[str, Any], device: Any = "cpu", generator: Any = No
         images = t(arrays["image"]).to(device).float() / 255.0
     else:  # training from cached features: no pixels travel
         images = torch.zeros((masks.shape[0], 0, *masks.shape[-2:]), device=device)
-    if hflip or vflip:
-        # flipping cached features approximates flipping the image (convolutions are not flip-equivariant)
-        b = masks.shape[0]
-        for flag, dim in ((hflip, 3), (vflip, 2)):
-            if not flag:
-                continue
-            sel = torch.rand(b, generator=generator) < 0.5
-            if sel.any():
-                idx = sel.nonzero().flatten().to(device)
-                masks[idx] = masks[idx].flip(dim)
-                if images.shape[1]:
-                    images[idx] = images[idx].flip(dim)
-                if features is not None:
-                    features[idx] = features[idx].flip(dim)
+    if augment:
+        images, masks, features = augment_batch(images, masks, features, augment, generator)
     return Batch(images=images, masks=masks, labels=labels, has_mask=has_mask, features=features)
+
+
+def augment_batch(images: Any, masks: Any, features: Any, augment: Mapping[str, Any], generator: Any = None
+                  ) -> tuple[Any, Any, Any]:
+    """Per-sample augmentation of a batch (images (B,3,H,W) in [0, 1] or (B,0,H,W), masks (B,1,H,W), features
+    (B,C,h,w) or None), every draw from ``generator``:
+
+    - ``hflip``, ``vflip``: each with probability 0.5; ``rot90``: a random multiple of 90 degrees (of 180 when the
+      images are not square). Also applied to cached features, which approximates transforming the image
+      (convolutions are not flip/rotation-equivariant).
+    - ``scale_jitter`` s: zoom in by U(1, 1+s), a random crop resized back (bilinear images, nearest masks).
+    - ``brightness`` b, ``contrast`` c: ``img <- (img - mean) * U(1-c, 1+c) + mean + U(-b, b)``, clipped to [0, 1].
+    The last two need pixels (``images`` with 3 channels); callers refuse them for cached features.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b = masks.shape[0]
+    pixels = images.shape[1] > 0
+    images, masks = images.clone(), masks.clone()
+    features = features.clone() if features is not None else None
+
+    def each(fn: Any, sel: torch.Tensor, *args: Any) -> None:
+        for i in sel.nonzero().flatten().tolist():
+            masks[i] = fn(masks[i], *args)
+            if pixels:
+                images[i] = fn(images[i], *args)
+            if features is not None:
+                features[i] = fn(features[i], *args)
+
+    for flag, dim in (("hflip", 2), ("vflip", 1)):
+        if augment.get(flag):
+            each(lambda x, d: x.flip(d), torch.rand(b, generator=generator) < 0.5, dim)
+    if augment.get("rot90"):
+        square = masks.shape[-1] == masks.shape[-2] and (features is None or features.shape[-1] == features.shape[-2])
+        ks = torch.randint(0, 4, (b,), generator=generator) if square else 2 * torch.randint(0, 2, (b,),
+                                                                                              generator=generator)
+        for k in (1, 2, 3):
+            each(lambda x, kk: torch.rot90(x, kk, dims=(1, 2)), ks == k, k)
+    s = float(augment.get("scale_jitter") or 0.0)
+    if s > 0 and pixels:
+        h, w = masks.shape[-2:]
+        zoom = 1.0 + s * torch.rand(b, generator=generator)
+        oy, ox = torch.rand(b, generator=generator), torch.rand(b, generator=generator)
+        for i in range(b):
+            ch, cw = max(1, round(h / float(zoom[i]))), max(1, round(w / float(zoom[i])))
+            y, x = int(float(oy[i]) * (h - ch)), int(float(ox[i]) * (w - cw))
+            images[i] = F.interpolate(images[i:i + 1, :, y:y + ch, x:x + cw], size=(h, w), mode="bilinear",
+                                      align_corners=False)[0]
+            masks[i] = F.interpolate(masks[i:i + 1, :, y:y + ch, x:x + cw], size=(h, w), mode="nearest")[0]
+    bright, contrast = float(augment.get("brightness") or 0.0), float(augment.get("contrast") or 0.0)
+    if (bright or contrast) and pixels:
+        mean = images.mean(dim=(1, 2, 3), keepdim=True)
+        c = 1.0 + contrast * (2.0 * torch.rand(b, 1, 1, 1, generator=generator) - 1.0)
+        d = bright * (2.0 * torch.rand(b, 1, 1, 1, generator=generator) - 1.0)
+        images = ((images - mean) * c.to(images) + mean + d.to(images)).clamp(0.0, 1.0)
+    return images, masks, features

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import glob
+import json
+import os
+from pathlib import Path
+
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from components import artifact, catalog, storage
+from components.config import deep_merge
 from components.data import manifest
 from components.errors import ResourceError, WeightsError
 from tests.helpers import procedural_manifest, random_artifact, train_config
@@ -46,11 +54,18 @@ def test_train_evaluates_registers_and_learns(ray_session, tmp_path, local_manif
 
 
 def test_rerun_resumes_from_last_checkpoint(ray_session, tmp_path, local_manifest):
+    # with the weight average, a one-cycle schedule and every augmentation: the resumed state holds all of them
     root = str(tmp_path / "store")
-    train.run(train_config(root, local_manifest, name="resume", optim={"epochs": 1}))
-    res = train.run(train_config(root, local_manifest, name="resume", optim={"epochs": 3}))
+    recipe = {"optim": {"ema_decay": 0.9, "lr_schedule": "onecycle"},
+              "data": {"augment": {"rot90": True, "brightness": 0.1, "contrast": 0.1, "scale_jitter": 0.2}}}
+    train.run(train_config(root, local_manifest, name="resume", **deep_merge(recipe, {"optim": {"epochs": 1}})))
+    res = train.run(train_config(root, local_manifest, name="resume", **deep_merge(recipe, {"optim": {"epochs": 3}})))
     history = storage.read_json(storage.join(res.report_uri, "history.json"))
     assert [h["epoch"] for h in history] == [1, 2, 3]
+    last = max(glob.glob(str(tmp_path / "store" / "runs" / "resume" / "checkpoint_*")))
+    averaged, raw = (load_file(os.path.join(last, f)) for f in ("model.safetensors", "train.safetensors"))
+    assert averaged.keys() == raw.keys() and any(not torch.equal(averaged[k], raw[k]) for k in raw)
+    assert json.loads(Path(last, "state.json").read_text())["ema_updates"] > 0
     # the first run's epoch-1 checkpoint was reused, not retrained: three epochs in all, two registered versions
     assert catalog.Layout(root).versions("gmbinet") == ["1", "2"]
 

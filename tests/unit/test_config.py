@@ -82,6 +82,9 @@ def test_ready_configs_validate():
     assert cfgmod.load(TrainConfig, str(configs / "gmbinet_sd900.yaml")).optim.lr_schedule == "cosine"
     tiles = cfgmod.load(TrainConfig, str(configs / "gmbinet_crackforest_tile.yaml"))
     assert tiles.model.preprocessing == {"layout": "tile", "tile_overlap": 0.25, "tile_scale": 1.0}
+    paper = cfgmod.load(TrainConfig, str(configs / "gmbinet_sd900_paper.yaml"))  # the authors' released recipe
+    assert (paper.data.image_size, paper.optim.batch_size, paper.optim.epochs, paper.optim.lr_schedule,
+            paper.data.augment.hflip) == ((512, 512), 32, 800, "none", False)
     assert cfgmod.load(IngestConfig, str(configs / "ingest_sd900.yaml")).dataset == "sd_saliency_900"
     assert cfgmod.load(SweepConfig, str(configs / "sweep_gmbinet_procedural.yaml")).metric == "val_iou_pooled"
 

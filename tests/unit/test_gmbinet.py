@@ -17,7 +17,7 @@ from components.models.gmbinet import (
     GMBINetObjective,
     GMBINetParams,
 )
-from components.models.gmbinet.loss import soft_dice_loss, ssim_loss
+from components.models.gmbinet.loss import soft_dice_loss, soft_iou_loss, ssim_loss
 from components.models.gmbinet.model import GMBIModule
 
 # the authors' 202,547 minus their unused decoder1..4 (9,344) and conv_final (46)
@@ -192,6 +192,21 @@ def test_dice_ignores_images_without_defects():
     assert float(soft_dice_loss(torch.full_like(target, 0.3), torch.zeros_like(target))) == 0.0
     prob = torch.rand_like(target)
     torch.testing.assert_close(soft_dice_loss(prob, target), soft_dice_loss(prob[:1], target[:1]))
+
+
+def test_soft_iou_term_is_the_iou_of_binary_maps():
+    target = torch.zeros(2, 1, 8, 8)
+    target[0, :, 2:6, 2:6] = 1.0  # 16 pixels; image 1 is defect-free and ignored, as by Dice
+    pred = torch.zeros_like(target)
+    pred[0, :, 4:8, 2:6] = 1.0  # 8 of 16 overlap: IoU 8 / 24
+    assert float(soft_iou_loss(pred, target)) == pytest.approx(1 - 8 / 24, abs=1e-4)
+    assert float(soft_iou_loss(target.clone(), target)) == pytest.approx(0.0, abs=1e-6)
+    dice = float(soft_dice_loss(pred, target))
+    assert 1 - float(soft_iou_loss(pred, target)) == pytest.approx((1 - dice) / (1 + dice), abs=1e-4)  # J = D/(2-D)
+    det = GMBINetDetector(GMBINetParams(), _pre((64, 64))).train()
+    _, logs = GMBINetObjective(GMBINetLossParams(iou_weight=2.0))(det, _square_batch())
+    assert logs["loss"] == pytest.approx(logs["bce"] + logs["dice"] + 2.0 * logs["iou"], rel=1e-5)
+    assert 0 < logs["iou"] <= 5.0  # five side outputs, each in [0, 1]
 
 
 def test_ssim_term():

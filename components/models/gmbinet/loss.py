@@ -40,6 +40,8 @@ class GMBINetLossParams(BaseModel):
     bce_weight: float = Field(1.0, ge=0)
     dice_weight: float = Field(1.0, ge=0)
     ssim_weight: float = Field(0.0, ge=0, description="1 - SSIM term (written but disabled in the authors' code)")
+    iou_weight: float = Field(0.0, ge=0, description="1 - soft IoU term (Rahman & Wang): optimises the metric the "
+                                                     "paper reports; not in the authors' code")
     ssim_window: int = Field(11, ge=3, description="Gaussian SSIM window (odd)")
     side_weights: list[float] = Field(default_factory=lambda: [1.0] * NUM_SIDE_OUTPUTS,
                                       description="weights of the 5 side outputs, finest first")
@@ -61,16 +63,28 @@ class GMBINetLossParams(BaseModel):
         return v
 
 
+def _foreground_mean(per_image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean of a per-image loss over the images whose target is non-empty (0 when there is none)."""
+    has_fg = target.flatten(1).amax(dim=1) > 0
+    if not bool(has_fg.any()):
+        return per_image.new_zeros(())
+    return per_image[has_fg].mean()
+
+
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean ``1 - Dice`` over the images whose target is non-empty (0 when there is none)."""
     dims = tuple(range(1, prob.ndim))
     inter = (prob * target).sum(dims)
     denom = prob.sum(dims) + target.sum(dims)
-    per_image = 1.0 - (2.0 * inter + DICE_SMOOTH) / (denom + DICE_SMOOTH)
-    has_fg = target.flatten(1).amax(dim=1) > 0
-    if not bool(has_fg.any()):
-        return prob.new_zeros(())
-    return per_image[has_fg].mean()
+    return _foreground_mean(1.0 - (2.0 * inter + DICE_SMOOTH) / (denom + DICE_SMOOTH), target)
+
+
+def soft_iou_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean ``1 - soft IoU`` (sum p*t / sum(p + t - p*t)) over the images whose target is non-empty, as Dice."""
+    dims = tuple(range(1, prob.ndim))
+    inter = (prob * target).sum(dims)
+    union = (prob + target - prob * target).sum(dims)
+    return _foreground_mean(1.0 - (inter + DICE_SMOOTH) / (union + DICE_SMOOTH), target)
 
 
 def _gaussian_window(size: int, sigma: float, channels: int, like: torch.Tensor) -> torch.Tensor:
@@ -119,7 +133,7 @@ class GMBINetObjective(Objective):
             # keep the graph connected to every parameter so backward()/DDP bucketing still work on such a batch
             params = [q for q in detector.parameters() if q.requires_grad]
             zero = sum((q.sum() for q in params), torch.zeros((), device=batch.images.device)) * 0.0
-            return zero, {"loss": 0.0, "bce": 0.0, "dice": 0.0, "ssim": 0.0}
+            return zero, {"loss": 0.0, "bce": 0.0, "dice": 0.0, "ssim": 0.0, "iou": 0.0}
 
         x = detector.preprocess(batch.images[sel])
         masks = batch.masks[sel].float()
@@ -128,19 +142,21 @@ class GMBINetObjective(Objective):
         masks = (masks > 0.5).to(x.dtype)
 
         logits = detector.net(x)
-        bce = dice = ssim = x.new_zeros(())
+        bce = dice = ssim = iou = x.new_zeros(())
         for weight, logit in zip(p.side_weights, logits, strict=True):
             if weight == 0:
                 continue
             if p.bce_weight:
                 bce = bce + weight * F.binary_cross_entropy_with_logits(logit, masks)
-            prob = torch.sigmoid(logit) if (p.dice_weight or p.ssim_weight) else None
+            prob = torch.sigmoid(logit) if (p.dice_weight or p.ssim_weight or p.iou_weight) else None
             if p.dice_weight:
                 dice = dice + weight * soft_dice_loss(prob, masks)
             if p.ssim_weight:
                 ssim = ssim + weight * ssim_loss(prob, masks, p.ssim_window)
-        loss = p.bce_weight * bce + p.dice_weight * dice + p.ssim_weight * ssim
+            if p.iou_weight:
+                iou = iou + weight * soft_iou_loss(prob, masks)
+        loss = p.bce_weight * bce + p.dice_weight * dice + p.ssim_weight * ssim + p.iou_weight * iou
         if loss.grad_fn is None:  # every weight is zero: still hand back something backward() accepts
             loss = loss + 0.0 * sum(t.sum() for t in logits)
         return loss, {"loss": float(loss.detach()), "bce": float(bce.detach()), "dice": float(dice.detach()),
-                      "ssim": float(ssim.detach())}
+                      "ssim": float(ssim.detach()), "iou": float(iou.detach())}
