@@ -131,3 +131,8 @@ def _tiled(detector: Detector, img: np.ndarray, device: torch.device) -> tuple[f
     if pre.tile_score == "tiles":
         return max(scores), stitched
     return float(Detector.image_score(detector, torch.from_numpy(stitched)[None, None], None)[0]), stitched
+
+
+def map_to_png_array(prob: np.ndarray) -> np.ndarray:
+    """Defect map in [0, 1] -> uint8 (map x 255, rounded)."""
+    return (np.clip(prob, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
