@@ -214,9 +214,10 @@ class OptimSettings(Strict):
     gamma: float = Field(0.4, gt=0, le=1, description="multistep: LR factor at each milestone")
     grad_clip: float | None = Field(None, gt=0, description="clip gradient norms to this value (off: null)")
     grad_clip_per_group: bool = Field(
-        False, description="clip each optimiser parameter group on its own (SuperSimpleNet: adaptor, segmentation "
-                           "head, classification head) instead of one global norm over all parameters (false, the "
-                           "authors' code)")
+        True, description="clip each optimiser parameter group on its own (SuperSimpleNet: adaptor, segmentation "
+                          "head, classification head), so the segmentation loss's large gradients under full "
+                          "supervision do not scale down the classification head's steps; false: one global norm "
+                          "over all parameters, as the authors' code")
 
     @field_validator("milestones")
     @classmethod

@@ -93,7 +93,7 @@ def test_pixel_threshold_and_checkpoint_smoothing_keys():
     base = {"name": "r", "data": {"manifest": "m"}}
     cfg = cfgmod.validate(TrainConfig, base, "cfg")
     assert cfg.eval.threshold == "auto" and cfg.eval.provisional_threshold() == 0.5
-    assert cfg.checkpoint.smoothing == "auto" and cfg.optim.grad_clip_per_group is False
+    assert cfg.checkpoint.smoothing == "auto" and cfg.optim.grad_clip_per_group is True
     fixed = cfgmod.validate(TrainConfig, {**base, "eval": {"threshold": 0.3}}, "cfg")
     assert fixed.eval.provisional_threshold() == 0.3
     with pytest.raises(ConfigError) as e:

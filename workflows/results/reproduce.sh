@@ -82,16 +82,18 @@ bench_synth() {
   end bench-synth
 }
 
-mt_ssn_seeds() {  # SEEDS="0 1 2", UNSUP_SEEDS="0", ROWS="weak mixed full unsupervised"
-  # one run per row and seed, seeds outermost (a cut-short run still has every row of its first seeds)
+mt_ssn_seeds() {  # SEEDS="0 1 2", UNSUP_SEEDS="0", ROWS="weak mixed full full-global-clip unsupervised"
+  # one run per row and seed, seeds outermost (a cut-short run still has every row of its first seeds);
+  # full-global-clip is full supervision with one global gradient-norm clip, as the authors' code (the ablation)
   begin mt-ssn-seeds
   ingest_mt
   for s in ${SEEDS:-0 1 2}; do
-    for r in ${ROWS:-weak mixed full unsupervised}; do
+    for r in ${ROWS:-weak mixed full full-global-clip unsupervised}; do
       [ "$r" = unsupervised ] && [[ " ${UNSUP_SEEDS:-0} " != *" $s "* ]] && continue
       n="mt-ssn-$r-seed$s"; fresh "$n"
       extra=(); cfg="$r"
       [ "$r" = mixed ] && extra=(--set data.mixed_masks=50)
+      [ "$r" = full-global-clip ] && { cfg=full; extra=(--set optim.grad_clip_per_group=false); }
       run "$DF" train --config "workflows/configs/ssn_$cfg.yaml" --set "name=$n" --set "output.model_name=$n" \
         --set "data.manifest=$ROOT/datasets/magnetic_tile/manifest.parquet" --set "seed=$s" \
         --set "storage.root=$ROOT" --set scaling.cpus_per_worker=2 ${extra[@]+"${extra[@]}"} ${TRAIN_SETS[@]+"${TRAIN_SETS[@]}"}
