@@ -62,7 +62,7 @@ def test_rerun_resumes_from_last_checkpoint(ray_session, tmp_path, local_manifes
     res = train.run(train_config(root, local_manifest, name="resume", **deep_merge(recipe, {"optim": {"epochs": 3}})))
     history = storage.read_json(storage.join(res.report_uri, "history.json"))
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    last = max(glob.glob(str(tmp_path / "store" / "runs" / "resume" / "checkpoint_*")))
+    last = max(p for p in glob.glob(str(tmp_path / "store" / "runs" / "resume" / "checkpoint_*")) if os.path.isdir(p))
     averaged, raw = (load_file(os.path.join(last, f)) for f in ("model.safetensors", "train.safetensors"))
     assert averaged.keys() == raw.keys() and any(not torch.equal(averaged[k], raw[k]) for k in raw)
     assert json.loads(Path(last, "state.json").read_text())["ema_updates"] > 0
