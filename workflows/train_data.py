@@ -77,13 +77,13 @@ def from_pixels(table: pa.Table, cfg: TrainConfig) -> dict[str, Any]:
 
     out = {}
     h, w = cfg.data.image_size
+    layout = layout_options(cfg)
     for split in ("train", "val"):
         sub = _split(table, split)
         if sub.num_rows == 0:
             continue
         if split == "train":
             sub = permuted(sub, cfg.seed)
-        layout = layout_options(cfg)
         ds = ray.data.from_arrow(sub).map_batches(
             _pixels, fn_kwargs={"image_size": (h, w), "max_pixels": cfg.data.max_image_pixels,
                                 "storage_settings": storage.worker_settings(), "layout": layout},

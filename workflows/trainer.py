@@ -65,6 +65,12 @@ def read_optimizer(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
         return _tensors(directory, CKPT_OPTIM), json.load(f)
 
 
+def _save_weights(state: dict[str, Any], directory: str, name: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(directory, name))
+
+
 def _tensors(directory: str, name: str) -> dict[str, Any]:
     from components.artifact import read_state_dict
 
@@ -127,7 +133,6 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
     import torch
     from ray.train import Checkpoint
     from ray.train.torch import get_device, prepare_model
-    from safetensors.torch import save_file
 
     from components.data.loading import to_batch
     from components.training import (
@@ -149,9 +154,7 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
     fingerprint = model_fingerprint(c)
 
     o = c["optim"]
-    start_epoch, best, history, optim_state, ema = 0, None, [], None, None
-    if o.get("ema_decay"):
-        ema = WeightAverage(detector, o["ema_decay"])
+    start_epoch, best, history, optim_state, ema_state, ema_updates = 0, None, [], None, None, 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -160,14 +163,16 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
                 raise WeightsError(f"run {c['name']!r} has checkpoints of a different model/preprocessing",
                                    "choose a new run name (name: ...) or restore the original model settings")
             saved = _tensors(d, CKPT_WEIGHTS)
-            raw = os.path.join(d, CKPT_TRAIN_WEIGHTS)
-            detector.load_state_dict(_tensors(d, CKPT_TRAIN_WEIGHTS) if os.path.exists(raw) else saved)
-            if ema is not None:
-                ema = WeightAverage(detector, o["ema_decay"], updates=state.get("ema_updates", 0))
-                if os.path.exists(raw):
-                    ema.load(saved)
+            if os.path.exists(os.path.join(d, CKPT_TRAIN_WEIGHTS)):  # an EMA run: saved holds the average
+                detector.load_state_dict(_tensors(d, CKPT_TRAIN_WEIGHTS))
+                ema_state, ema_updates = saved, state.get("ema_updates", 0)
+            else:
+                detector.load_state_dict(saved)
             optim_state = read_optimizer(d)
         start_epoch, best, history = int(state["epoch"]) + 1, state.get("best"), state.get("history", [])
+    ema = WeightAverage(detector, o["ema_decay"], updates=ema_updates) if o.get("ema_decay") else None
+    if ema is not None and ema_state is not None:
+        ema.load(ema_state)
 
     step = prepare_model(TrainStep(detector, objective))
     device = get_device()
@@ -226,12 +231,9 @@ def train_loop_per_worker(c: dict[str, Any]) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                weights = ema.shadow if ema is not None else detector.state_dict()
-                save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
-                          os.path.join(d, CKPT_WEIGHTS))
+                _save_weights(ema.shadow if ema is not None else detector.state_dict(), d, CKPT_WEIGHTS)
                 if ema is not None:
-                    save_file({k: v.detach().cpu().contiguous() for k, v in detector.state_dict().items()},
-                              os.path.join(d, CKPT_TRAIN_WEIGHTS))
+                    _save_weights(detector.state_dict(), d, CKPT_TRAIN_WEIGHTS)
                 save_optimizer(d, opt, sched)
                 write_state(d, {"epoch": epoch, "best": best, "select": select, "fingerprint": fingerprint,
                                 "history": history, "ema_updates": ema.updates if ema is not None else 0})
