@@ -58,10 +58,44 @@ ingest_mt() { run "$DF" ingest --dataset magnetic_tile --root "$DATA/magnetic_ti
 sd900() {
   begin sd900
   fresh gmbinet-sd900-results
-  run "$DF" ingest --config workflows/configs/ingest_sd900.yaml
-  run "$DF" train --config workflows/configs/gmbinet_sd900.yaml --set name=gmbinet-sd900-results ${TRAIN_SETS[@]+"${TRAIN_SETS[@]}"}
+  run "$DF" ingest --config workflows/configs/ingest_sd900.yaml --set "storage.root=$ROOT"
+  run "$DF" train --config workflows/configs/gmbinet_sd900.yaml --set name=gmbinet-sd900-results \
+    --set "data.manifest=$ROOT/datasets/sd900/manifest.parquet" --set "storage.root=$ROOT" ${TRAIN_SETS[@]+"${TRAIN_SETS[@]}"}
   keep_report gmbinet-sd900-results gmbinet-sd900
   end sd900
+}
+
+# gmbinet_sd900.yaml's earlier recipe (before the 60-minute one): 256x256, cosine, flips only, BCE + Dice, no EMA
+SD900_EARLIER=(--set 'data.image_size=[256,256]' --set data.augment.rot90=false --set data.augment.brightness=0
+               --set data.augment.contrast=0 --set optim.lr_schedule=cosine --set optim.ema_decay=null
+               --set loss.iou_weight=0)
+
+sd900_ablation() {  # what each change of gmbinet_sd900.yaml buys, cumulatively, at ABL_EPOCHS (default 60) epochs
+  # rows (ROWS to pick some): baseline = the earlier recipe (256x256, cosine, flips, BCE + Dice), then one change
+  # at a time: native-200, onecycle, augment (rot90, brightness, contrast), ema, iou (the 60-minute candidate recipe at ABL_EPOCHS)
+  begin sd900-ablation
+  run "$DF" ingest --config workflows/configs/ingest_sd900.yaml --set "storage.root=$ROOT"
+  local sets=("${SD900_EARLIER[@]}")
+  for r in baseline native-200 onecycle augment ema iou; do
+    case "$r" in
+      native-200) sets+=(--set 'data.image_size=[200,200]') ;;
+      onecycle) sets+=(--set optim.lr_schedule=onecycle) ;;
+      augment) sets+=(--set data.augment.rot90=true --set data.augment.brightness=0.1 --set data.augment.contrast=0.1) ;;
+      ema) sets+=(--set optim.ema_decay=0.999) ;;
+      iou) sets+=(--set loss.iou_weight=1.0) ;;
+    esac
+    [[ " ${ROWS:-baseline native-200 onecycle augment ema iou} " == *" $r "* ]] || continue
+    grep -qx "$r" "$OUT/rows.txt" 2>/dev/null || echo "$r" >> "$OUT/rows.txt"  # the table keeps this order
+    for s in ${SEEDS:-42}; do
+      n="sd900-abl-$r-seed$s"; fresh "$n"
+      run "$DF" train --config workflows/configs/gmbinet_sd900.yaml --set "name=$n" --set "output.model_name=$n" \
+        --set "data.manifest=$ROOT/datasets/sd900/manifest.parquet" --set "storage.root=$ROOT" --set "seed=$s" \
+        --set "optim.epochs=${ABL_EPOCHS:-60}" "${sets[@]}" ${TRAIN_SETS[@]+"${TRAIN_SETS[@]}"}
+      keep_report "$n" "$r-seed$s"
+    done
+  done
+  "$PWD/.venv/bin/python" workflows/results/table.py "$OUT" | tee -a "$OUT/output.txt"
+  end sd900-ablation
 }
 
 bench_gmbinet() {
@@ -82,18 +116,23 @@ bench_synth() {
   end bench-synth
 }
 
-mt_ssn_seeds() {  # SEEDS="0 1 2", UNSUP_SEEDS="0", ROWS="weak mixed full full-global-clip unsupervised"
+MT_ROWS="weak mixed full mixed-authors-loss full-authors-loss full-global-clip unsupervised"
+mt_ssn_seeds() {  # SEEDS="0 1 2", UNSUP_SEEDS="0", ROWS (default $MT_ROWS)
   # one run per row and seed, seeds outermost (a cut-short run still has every row of its first seeds);
-  # full-global-clip is full supervision with one global gradient-norm clip, as the authors' code (the ablation)
+  # *-authors-loss: the authors' supervised loss settings (Perlin threshold 0.6, masks dilated 7x7, distance-transform
+  # weights (3, 2)) instead of the configs' weak-regime ones; full-global-clip: one global gradient-norm clip, as
+  # the authors' code (the ablations)
   begin mt-ssn-seeds
   ingest_mt
+  local authors=(--set loss.perlin_threshold=0.6 --set loss.dilate=7 --set 'loss.dt_weight=[3,2]')
   for s in ${SEEDS:-0 1 2}; do
-    for r in ${ROWS:-weak mixed full full-global-clip unsupervised}; do
+    for r in ${ROWS:-$MT_ROWS}; do
       [ "$r" = unsupervised ] && [[ " ${UNSUP_SEEDS:-0} " != *" $s "* ]] && continue
       n="mt-ssn-$r-seed$s"; fresh "$n"
-      extra=(); cfg="$r"
-      [ "$r" = mixed ] && extra=(--set data.mixed_masks=50)
-      [ "$r" = full-global-clip ] && { cfg=full; extra=(--set optim.grad_clip_per_group=false); }
+      extra=(); cfg="${r%%-*}"
+      [ "$cfg" = mixed ] && extra=(--set data.mixed_masks=50)
+      [[ "$r" == *-authors-loss ]] && extra+=("${authors[@]}")
+      [ "$r" = full-global-clip ] && extra+=(--set optim.grad_clip_per_group=false)
       run "$DF" train --config "workflows/configs/ssn_$cfg.yaml" --set "name=$n" --set "output.model_name=$n" \
         --set "data.manifest=$ROOT/datasets/magnetic_tile/manifest.parquet" --set "seed=$s" \
         --set "storage.root=$ROOT" --set scaling.cpus_per_worker=2 ${extra[@]+"${extra[@]}"} ${TRAIN_SETS[@]+"${TRAIN_SETS[@]}"}
@@ -140,7 +179,7 @@ mt_synthetic_mix() {  # GMBINet with 10 real masks, without and with 100 synthet
     run "$DF" train --config workflows/configs/gmbinet_sd900.yaml --set "name=mt-gmbinet-mixed10-syn$n" \
       --set "output.model_name=mt-gmbinet-mixed10-syn$n" \
       --set "data.manifest=$ROOT/datasets/magnetic_tile/manifest.parquet" \
-      --set data.regime=mixed --set data.mixed_masks=10 --set 'data.image_size=[128,128]' \
+      "${SD900_EARLIER[@]}" --set data.regime=mixed --set data.mixed_masks=10 --set 'data.image_size=[128,128]' \
       --set optim.epochs=30 --set checkpoint.metric=val_iou_pooled ${extra[@]+"${extra[@]}"} \
       ${TRAIN_SETS[@]+"${TRAIN_SETS[@]}"}
     keep_report "mt-gmbinet-mixed10-syn$n" "syn$n"
@@ -178,7 +217,7 @@ demo() {
   end demo
 }
 
-EXPERIMENTS=(sd900 bench-gmbinet bench-supersimplenet bench-synth mt-ssn-seeds mt-synth procedural-ddpm
+EXPERIMENTS=(sd900 sd900-ablation bench-gmbinet bench-supersimplenet bench-synth mt-ssn-seeds mt-synth procedural-ddpm
              mt-synthetic-mix crackforest-layouts demo)
 [ $# -gt 0 ] || { echo "usage: $0 all | ${EXPERIMENTS[*]}" >&2; exit 2; }
 [ "$1" = all ] && set -- "${EXPERIMENTS[@]}"

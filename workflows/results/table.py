@@ -3,8 +3,9 @@
     python workflows/results/table.py workflows/results/mt-ssn-regimes
 
 Reads ``<experiment>/<row>-seed<k>/metrics.json`` (one folder per run, as ``reproduce.sh`` keeps them) and writes
-one row per ``<row>`` with the mean and the sample standard deviation over its seeds, plus every per-seed value in
-table.json, so the README's tables are built from committed raw output and can be re-made from it.
+one row per ``<row>`` (regimes first, or in the order of ``rows.txt`` when there is one) with the mean and the
+sample standard deviation over its seeds, plus every per-seed value in table.json, so the README's tables are built
+from committed raw output and can be re-made from it.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import statistics
 import sys
 from pathlib import Path
 
+# keys of a report's metrics.json (evaluated split)
 METRICS = ("image_auroc", "image_ap", "seg_image_auroc", "pixel_auroc", "pixel_ap", "aupro", "pixel_f1",
-           "pixel_f1_max", "iou", "seg_recall", "pixel_threshold")  # keys of a report's metrics.json (evaluated split)
+           "pixel_f1_max", "iou", "mae", "seg_recall", "pixel_threshold")
 HEADERS = ("image AUROC", "image AP", "seg-image AUROC", "pixel AUROC", "pixel AP", "AUPRO", "pixel F1",
-           "pixel F1-max", "IoU", "Seg_Recall", "pixel threshold")
+           "pixel F1-max", "IoU", "MAE", "Seg_Recall", "pixel threshold")
 
 
 def collect(exp: Path) -> dict[str, dict[str, list[float]]]:
@@ -50,7 +52,8 @@ def main(exp_dir: str) -> int:
     if not rows:
         print(f"no <row>-seed<k>/metrics.json under {exp}", file=sys.stderr)
         return 2
-    known = ("unsupervised", "weak", "mixed", "full")
+    listed = exp / "rows.txt"  # an ablation's rows in the order they were run (reproduce.sh writes it)
+    known = tuple(listed.read_text().split()) if listed.is_file() else ("unsupervised", "weak", "mixed", "full")
     order = [r for r in known if r in rows] + sorted(set(rows) - set(known))
     cols = [(k, h) for k, h in zip(METRICS, HEADERS, strict=True) if any(rows[r].get(k) for r in order)]
     lines = ["| run | seeds | " + " | ".join(h for _, h in cols) + " |", "|---|---|" + "---|" * len(cols)]
