@@ -82,7 +82,7 @@ bench: $(STAMP)
 
 # results: re-run the experiments behind the README's figures and rewrite workflows/results/<experiment>/ (raw
 # output the tables are built from). `make results` runs all of them (hours on 2 CPU cores); `make results
-# EXP="mt-ssn-regimes sd900"` some; SEEDS="0 1 2" sets the seeds of the seeded tables.
+# EXP="mt-ssn-seeds sd900"` some; SEEDS="0 1 2" sets the seeds of the seeded tables.
 results: $(STAMP)
 	workflows/results/reproduce.sh $(or $(EXP),all)
 
